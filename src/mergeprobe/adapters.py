@@ -1,0 +1,191 @@
+"""Finding the LoRA layers of a model, reading their factors, and fingerprinting the base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .signals.update import LowRankUpdate
+
+_WRAPPER_SEGMENTS = re.compile(
+    r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|module)(?=\.)"
+)
+# Config keys that define the shared architecture; everything else (labels, dtype, versions,
+# paths) varies per task or per machine and must not make two runs on one base incomparable.
+_ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "d_model",
+)
+
+
+@dataclass
+class LoraLayerRef:
+    """One LoRA-adapted linear layer: normalized name, the module, and its adapter name."""
+
+    name: str
+    module: nn.Module
+    adapter: str
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scale(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def rank(self) -> int:
+        return int(self.module.r[self.adapter])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.module.lora_alpha[self.adapter])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.lora_B.shape[0]), int(self.lora_A.shape[1]))
+
+    def update(self, initial: tuple[torch.Tensor, torch.Tensor] | None = None) -> LowRankUpdate:
+        """The current ΔW, relative to ``initial`` = (A0, B0) when the adapter did not start at 0."""
+        if initial is None:
+            return LowRankUpdate(self.lora_A, self.lora_B, self.scale)
+        return LowRankUpdate(self.lora_A, self.lora_B, self.scale, A0=initial[0], B0=initial[1])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _base_prefix(model: nn.Module) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "base_model_prefix", None) or None
+
+
+def normalize_name(name: str, base_prefix: str | None = None) -> str:
+    """A layer name that is the same for the bare model, its task wrapper and a PeftModel.
+
+    ``base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight`` and
+    ``encoder.layer.0.attention.self.query.weight`` both become
+    ``encoder.layer.0.attention.self.query.weight``.
+    """
+    name = _WRAPPER_SEGMENTS.sub(r"\1", name).lstrip(".")
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model.") :]
+    name = name.replace(".base_layer.", ".").replace(".base_layer", "")
+    if base_prefix and name.startswith(base_prefix + "."):
+        name = name[len(base_prefix) + 1 :]
+    return name
+
+
+def active_adapter_name(model: nn.Module, adapter_name: str | None = None) -> str:
+    if adapter_name:
+        return adapter_name
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, str):
+        return active
+    if isinstance(active, list | tuple) and active:
+        return str(active[0])
+    return "default"
+
+
+def find_lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[LoraLayerRef]:
+    """Every linear LoRA layer of ``model`` carrying ``adapter_name``, sorted by name."""
+    from peft.tuners.lora import LoraLayer
+
+    model = unwrap_model(model)
+    adapter = active_adapter_name(model, adapter_name)
+    prefix = _base_prefix(model)
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in getattr(module, "lora_A", {}):
+            continue
+        if getattr(module.lora_A[adapter], "weight", None) is None:
+            continue
+        if module.lora_A[adapter].weight.ndim != 2:  # conv LoRA: not a plain ΔW matrix
+            continue
+        layers.append(LoraLayerRef(normalize_name(name, prefix), module, adapter))
+    return sorted(layers, key=lambda ref: ref.name)
+
+
+def architecture_fingerprint(config) -> str:
+    """Hash of the architecture-defining config keys (not labels, dtype or versions)."""
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    arch = {k: as_dict[k] for k in _ARCH_KEYS if k in as_dict}
+    text_config = as_dict.get("text_config")
+    if isinstance(text_config, dict):
+        arch["text_config"] = {k: text_config[k] for k in _ARCH_KEYS if k in text_config}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _excluded(name: str, modules_to_save: set[str]) -> bool:
+    if "lora_" in name or "modules_to_save" in name or "original_module" in name:
+        return True
+    return any(
+        name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules_to_save
+    )
+
+
+@torch.no_grad()
+def base_weights_fingerprint(model: nn.Module, samples_per_tensor: int = 64) -> str:
+    """Hash of the shared base weights, from a fixed sample of each tensor.
+
+    LoRA factors, task heads and other ``modules_to_save`` are left out: they differ per task.
+    Samples are rounded to bfloat16 so the same base loaded in fp32, fp16 or bf16 matches.
+    """
+    model = unwrap_model(model)
+    prefix = _base_prefix(model)
+    modules_to_save: set[str] = set()
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        modules_to_save.update(getattr(config, "modules_to_save", None) or [])
+    entries = []
+    for name, param in model.named_parameters():
+        if _excluded(name, modules_to_save):
+            continue
+        flat = param.detach().reshape(-1)
+        if flat.numel() == 0:  # sharded away on this rank; not part of the local fingerprint
+            continue
+        idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()))
+        sample = flat[idx.long().to(flat.device)].to(torch.bfloat16).float().cpu()
+        entries.append((normalize_name(name, prefix), tuple(param.shape), sample.numpy().tobytes()))
+    h = hashlib.sha256()
+    for name, shape, data in sorted(entries):
+        h.update(f"{name}:{shape}".encode())
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def base_model_name(model: nn.Module) -> str:
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    for source in (getattr(model, "peft_config", {}) or {}).values():
+        name = getattr(source, "base_model_name_or_path", None)
+        if name:
+            return str(name)
+    return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "unknown"))

@@ -1,0 +1,495 @@
+"""``MergeProbeCallback``: measures the signals in the first few percent of a LoRA run.
+
+The callback is small and event-driven: it wires Trainer events to the measurement code in
+:mod:`mergeprobe.probe` and the writers (store, decision log). It never stops or slows a run
+by accident: a probe that fails logs a warning and training goes on (``strict=True`` raises).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .decision_log import DecisionLog
+from .exceptions import InvalidParameterError
+from .probe import SignalRecorder, resolve_anchor_inputs, utc_now
+from .signature import Signature
+from .store import SignatureStore, sanitize_name
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE_ENV = "MERGEPROBE_STORE"
+
+
+def _guarded(method):
+    """Run a Trainer event; on failure warn (or raise when strict) and keep training."""
+
+    @functools.wraps(method)
+    def wrapper(self, args, state, control, **kwargs):
+        if not self._active and method.__name__ != "on_train_begin":
+            return None
+        try:
+            return method(self, args, state, control, **kwargs)
+        except Exception as exc:
+            self.failures.append(f"{method.__name__} at step {state.global_step}: {exc!r}")
+            if self.strict:
+                raise
+            if method.__name__ == "on_train_begin":
+                self._active = False
+                self._detach()
+                logger.warning(
+                    "mergeprobe: setup failed (%r); the callback is off for this run and "
+                    "training goes on. Pass strict=True to raise instead.",
+                    exc,
+                )
+            else:
+                logger.warning(
+                    "mergeprobe: %s failed at step %d (%r); training goes on.",
+                    method.__name__,
+                    state.global_step,
+                    exc,
+                )
+            return None
+
+    return wrapper
+
+
+def _find_trainer():
+    """The Trainer that is calling us, found on the call stack.
+
+    Callbacks are not given the trainer (transformers#38181), and ``Trainer.log`` is the only
+    path by which our scalars reach the ``report_to`` integrations, which run before user
+    callbacks in ``on_log``.
+    """
+    try:
+        from transformers import Trainer
+    except ImportError:  # pragma: no cover
+        return None
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+class MergeProbeCallback(TrainerCallback, ExportableState):
+    """Measures mergeability signals early in a LoRA run and writes a signature to a store.
+
+    During the first ``horizon`` fraction of the run it sketches the full-weight gradients of
+    every LoRA target layer (on each step) and, at each probe step, the low-rank update
+    ΔW = s·B·A and the drift of hidden states from the base model on a fixed anchor set. One
+    more probe is taken at the end of training, so that later runs can compare against the
+    finished adapter.
+
+    Args:
+        store (`str`, `os.PathLike` or [`SignatureStore`], *optional*):
+            Where signatures go. Defaults to `$MERGEPROBE_STORE`, else `./mergeprobe-store`.
+        run_name (`str`, *optional*):
+            Name of this run's store entry. Defaults to `args.run_name`, else the name of
+            `args.output_dir`.
+        horizon (`float`, *optional*, defaults to 0.05):
+            Fraction of `max_steps` within which the signals are captured.
+        log_path (`str`, *optional*):
+            The JSONL decision log. Defaults to `<output_dir>/mergeprobe.jsonl`.
+        probe_fractions (`Sequence[float]`, *optional*):
+            Fractions of `max_steps` at which to probe, each in (0, horizon]. Defaults to
+            `horizon × (0.2, 0.4, 1.0)`: 1, 2 and 5 % at the default horizon.
+        final_probe (`bool`, *optional*, defaults to `True`):
+            Probe once more at the end of training.
+        anchor_texts (`Sequence[str]`, *optional*):
+            Anchor set for drift, tokenized with the Trainer's `processing_class`. Defaults
+            to mergeprobe's built-in 64 generic English sentences.
+        anchor_inputs (`dict`, *optional*):
+            Ready anchor tensors (`input_ids`, `attention_mask`, ...) instead of texts.
+        capture_gradients (`bool`, *optional*, defaults to `True`):
+            Sketch full-weight gradients inside the horizon.
+        report_to_trainer (`bool`, *optional*, defaults to `True`):
+            Log compact scalars through `Trainer.log`, so `report_to` loggers get them.
+        strict (`bool`, *optional*, defaults to `False`):
+            Raise on a failing probe instead of warning and going on.
+        sketch_size, entry_count, drift_sketch_size, max_drift_layers, anchor_max_length,
+        adapter_name: see [`SignalRecorder`].
+
+    Example:
+        ```python
+        trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+                          callbacks=[MergeProbeCallback("runs/store")])
+        trainer.train()
+        ```
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike | SignatureStore | None = None,
+        run_name: str | None = None,
+        horizon: float = 0.05,
+        log_path: str | os.PathLike | None = None,
+        *,
+        probe_fractions: Sequence[float] | None = None,
+        final_probe: bool = True,
+        anchor_texts: Sequence[str] | None = None,
+        anchor_inputs: dict | None = None,
+        anchor_max_length: int = 64,
+        adapter_name: str | None = None,
+        capture_gradients: bool = True,
+        report_to_trainer: bool = True,
+        strict: bool = False,
+        sketch_size: int = 32,
+        entry_count: int = 256,
+        drift_sketch_size: int = 64,
+        max_drift_layers: int = 12,
+    ) -> None:
+        owner = type(self).__name__
+        if (
+            isinstance(horizon, bool)
+            or not isinstance(horizon, int | float)
+            or not 0 < horizon <= 1
+        ):
+            raise InvalidParameterError(
+                f"The 'horizon' parameter of {owner} must be a float in (0, 1]. Got {horizon!r} instead."
+            )
+        if probe_fractions is not None:
+            fractions = [float(f) for f in probe_fractions]
+            bad = [f for f in fractions if not 0 < f <= horizon + 1e-12]
+            if not fractions or bad:
+                raise InvalidParameterError(
+                    f"The 'probe_fractions' parameter of {owner} must be fractions of the run in "
+                    f"(0, horizon={horizon}]. Got {list(probe_fractions)!r} instead."
+                )
+            probe_fractions = sorted(set(fractions))
+        if store is not None and not isinstance(store, str | os.PathLike | SignatureStore):
+            raise InvalidParameterError(
+                f"The 'store' parameter of {owner} must be a path or a SignatureStore. Got {store!r} instead."
+            )
+        if run_name is not None and not str(run_name).strip():
+            raise InvalidParameterError(f"The 'run_name' parameter of {owner} must be non-empty.")
+        self.store = store
+        self.run_name = run_name
+        self.horizon = float(horizon)
+        self.log_path = log_path
+        self.probe_fractions = probe_fractions
+        self.final_probe = bool(final_probe)
+        self.anchor_texts = list(anchor_texts) if anchor_texts is not None else None
+        self.anchor_inputs = anchor_inputs
+        self.anchor_max_length = anchor_max_length
+        self.adapter_name = adapter_name
+        self.capture_gradients = bool(capture_gradients)
+        self.report_to_trainer = bool(report_to_trainer)
+        self.strict = bool(strict)
+        self.sketch_size = sketch_size
+        self.entry_count = entry_count
+        self.drift_sketch_size = drift_sketch_size
+        self.max_drift_layers = max_drift_layers
+        # Validate the sizes now, not at the first step.
+        for name in (
+            "sketch_size",
+            "entry_count",
+            "drift_sketch_size",
+            "max_drift_layers",
+            "anchor_max_length",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(
+                    f"The {name!r} parameter of {owner} must be an int >= 1. Got {value!r} instead."
+                )
+
+        # Progress (restored from checkpoints through ExportableState).
+        self.run_id: str | None = None
+        # Runtime state, rebuilt in on_train_begin.
+        self.failures: list[str] = []
+        self.signature: Signature | None = None
+        self.probe_steps: list[int] = []
+        self.horizon_steps = 0
+        self._active = False
+        self._recorder: SignalRecorder | None = None
+        self._store: SignatureStore | None = None
+        self._log: DecisionLog | None = None
+        self._trainer = None
+        self._pending_logs: dict[str, float] = {}
+        self._loss: float | None = None
+        self._first_loss: tuple[int, float] | None = None
+        self._write = False
+
+    # -- ExportableState -------------------------------------------------------------------
+
+    def state(self) -> dict:
+        store = self._store.path if self._store is not None else self.store
+        if isinstance(store, SignatureStore):
+            store = store.path
+        return {
+            "args": {
+                "store": str(store) if store is not None else None,
+                "run_name": self.run_name_ or self.run_name,
+                "horizon": self.horizon,
+                "log_path": str(self._log.path) if self._log is not None else self.log_path,
+                "probe_fractions": self.probe_fractions,
+                "final_probe": self.final_probe,
+                "anchor_texts": self.anchor_texts,
+                "anchor_max_length": self.anchor_max_length,
+                "adapter_name": self.adapter_name,
+                "capture_gradients": self.capture_gradients,
+                "report_to_trainer": self.report_to_trainer,
+                "strict": self.strict,
+                "sketch_size": self.sketch_size,
+                "entry_count": self.entry_count,
+                "drift_sketch_size": self.drift_sketch_size,
+                "max_drift_layers": self.max_drift_layers,
+            },
+            "attributes": {"run_id": self.run_id},
+        }
+
+    @property
+    def run_name_(self) -> str | None:
+        """The resolved run name (known from ``on_train_begin`` on)."""
+        return self.signature.name if self.signature is not None else None
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _resolve_run_name(self, args) -> str:
+        if self.run_name:
+            return sanitize_name(self.run_name)
+        # TrainingArguments.run_name defaults to output_dir in some versions: prefer the
+        # explicit one, else the directory's own name, which is stable across restarts.
+        explicit = getattr(args, "run_name", None)
+        output_dir = getattr(args, "output_dir", None) or "run"
+        if explicit and explicit != output_dir:
+            return sanitize_name(explicit)
+        return sanitize_name(Path(output_dir).resolve().name)
+
+    def _resolve_store(self) -> SignatureStore:
+        if isinstance(self.store, SignatureStore):
+            return self.store
+        return SignatureStore(self.store or os.environ.get(DEFAULT_STORE_ENV) or "mergeprobe-store")
+
+    def _schedule(self, max_steps: int) -> None:
+        self.horizon_steps = max(1, math.ceil(self.horizon * max_steps - 1e-9))
+        fractions = self.probe_fractions or [self.horizon * f for f in (0.2, 0.4, 1.0)]
+        steps = {min(max(1, round(f * max_steps)), self.horizon_steps) for f in fractions}
+        self.probe_steps = sorted(steps)
+
+    def _hook_failed(self, exc: BaseException) -> None:
+        self.failures.append(f"gradient hook: {exc!r}")
+        if self.strict:
+            raise exc
+        logger.warning(
+            "mergeprobe: gradient capture failed (%r); gradient signals are off, training goes on.",
+            exc,
+        )
+
+    def _detach(self) -> None:
+        if self._recorder is not None:
+            self._recorder.gradient.detach()
+
+    @_guarded
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._active = False
+        if model is None:
+            raise InvalidParameterError("the Trainer passed no model to the callback")
+        if not state.max_steps or state.max_steps <= 0:
+            raise InvalidParameterError(
+                f"max_steps must be known at train begin, got {state.max_steps}"
+            )
+        self._schedule(state.max_steps)
+        self._write = bool(state.is_world_process_zero)
+        name = self._resolve_run_name(args)
+        self._store = self._resolve_store()
+        log_path = self.log_path or os.path.join(args.output_dir or ".", "mergeprobe.jsonl")
+        self._log = DecisionLog(log_path)
+
+        inputs, anchor_info = resolve_anchor_inputs(
+            processing_class, self.anchor_texts, self.anchor_inputs, self.anchor_max_length
+        )
+        if inputs is None:
+            logger.warning(
+                "mergeprobe: the Trainer has no processing_class and no anchor_inputs were given; "
+                "representation drift is off for run %r",
+                name,
+            )
+        self._recorder = SignalRecorder(
+            model,
+            adapter_name=self.adapter_name,
+            anchor_inputs=inputs,
+            anchor_info=anchor_info,
+            sketch_size=self.sketch_size,
+            entry_count=self.entry_count,
+            drift_sketch_size=self.drift_sketch_size,
+            max_drift_layers=self.max_drift_layers,
+            on_error=self._hook_failed,
+        )
+        resuming = state.global_step > 0
+        if not resuming:
+            self._recorder.capture_initial()
+        self._recorder.capture_base()
+
+        metadata = self._recorder.describe()
+        metadata.update(
+            source="training",
+            created=utc_now(),
+            training={
+                "max_steps": state.max_steps,
+                "horizon": self.horizon,
+                "horizon_steps": self.horizon_steps,
+                "probe_steps": self.probe_steps,
+                "learning_rate": getattr(args, "learning_rate", None),
+                "seed": getattr(args, "seed", None),
+                "per_device_train_batch_size": getattr(args, "per_device_train_batch_size", None),
+                "gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", None),
+                "world_size": getattr(args, "world_size", 1),
+            },
+        )
+        probes = []
+        if resuming and self.run_id is not None:
+            probes = self._restore_probes(name, state.global_step)
+        self.run_id = self.run_id or uuid.uuid4().hex
+        metadata["run_id"] = self.run_id
+        self.signature = Signature(name=name, metadata=metadata, probes=probes)
+        if self._write and not resuming and name in self._store:
+            previous = self._store.metadata(name).get("run_id")
+            if previous and previous != self.run_id:
+                logger.warning(
+                    "mergeprobe: store %s already has an entry %r from another run; it will be "
+                    "replaced. Pass run_name=... to keep both.",
+                    self._store.path,
+                    name,
+                )
+        self._trainer = _find_trainer() if self.report_to_trainer else None
+        self._active = True
+
+    def _restore_probes(self, name: str, step: int) -> list:
+        """On resume, the probes this run already stored, and its gradient running total."""
+        if name not in self._store:
+            return []
+        try:
+            previous = self._store.load(name)
+        except Exception as exc:
+            logger.warning(
+                "mergeprobe: could not reload %r to resume (%r); starting afresh", name, exc
+            )
+            return []
+        if previous.metadata.get("run_id") != self.run_id:
+            return []
+        probes = [
+            p
+            for p in previous.probes
+            if p.step is not None and p.step <= step and p.kind == "probe"
+        ]
+        if probes and "grad_sketch" in probes[-1].tensors:
+            last = probes[-1]
+            steps = int(last.info.get("grad_steps", 0))
+            totals = {
+                layer: last.tensors["grad_sketch"][i] * steps
+                for i, layer in enumerate(previous.layers)
+                if bool(torch.isfinite(last.tensors["grad_sketch"][i]).all())
+            }
+            self._recorder.gradient.load_state_tensors(totals, steps)
+        return probes
+
+    # -- training events -------------------------------------------------------------------
+
+    @_guarded
+    def on_step_begin(self, args, state, control, **kwargs):
+        # global_step counts completed steps: the step starting now is global_step + 1.
+        if self.capture_gradients and state.global_step < self.horizon_steps:
+            self._recorder.gradient.attach()
+
+    @_guarded
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        gradient = self._recorder.gradient
+        if not gradient.attached:
+            return
+        scaler = getattr(optimizer, "scaler", None)
+        # fp16: hooks saw gradients of the scaled loss; divide the scale back out.
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        reduce = distributed and torch.distributed.get_world_size() > 1
+        gradient.end_step(scale=scale, reduce_across_ranks=reduce)
+        if state.global_step + 1 >= self.horizon_steps:
+            gradient.detach()
+
+    @_guarded
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.probe_steps and not any(
+            p.step == state.global_step for p in self.signature.probes
+        ):
+            self._probe(state, "probe")
+
+    @_guarded
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and isinstance(logs.get("loss"), int | float):
+            self._loss = float(logs["loss"])
+            if self._first_loss is None:
+                self._first_loss = (state.global_step, self._loss)
+                self.signature.metadata["covariates"] = {
+                    "first_logged_loss": self._loss,
+                    "first_logged_step": state.global_step,
+                }
+        if self._pending_logs and logs is not None and self._trainer is None:
+            # No Trainer handle: the console (callbacks after us) still sees the scalars.
+            logs.update(self._pending_logs)
+            self._pending_logs = {}
+
+    @_guarded
+    def on_train_end(self, args, state, control, **kwargs):
+        try:
+            if self.final_probe:
+                self._probe(state, "final")
+        finally:
+            self._detach()
+            self._active = False
+
+    # -- probing ---------------------------------------------------------------------------
+
+    def _probe(self, state, kind: str) -> None:
+        step, max_steps = state.global_step, state.max_steps
+        probe = self._recorder.measure(step, step / max_steps, kind, info={"loss": self._loss})
+        self.signature.probes.append(probe)
+        self.signature.metadata["updated"] = utc_now()
+        summary = self._summary(probe)
+        if self._write:
+            self._store.save(self.signature)
+            self._log.write(
+                kind,
+                run=self.signature.name,
+                step=step,
+                max_steps=max_steps,
+                signals=summary,
+                store=str(self._store.path),
+            )
+        scalars = {f"mergeprobe/{k}": v for k, v in summary.items() if isinstance(v, float)}
+        if self._trainer is not None and kind == "probe":
+            self._trainer.log(scalars)
+        else:
+            self._pending_logs.update(scalars)
+
+    @staticmethod
+    def _summary(probe) -> dict[str, Any]:
+        t = probe.tensors
+        summary: dict[str, Any] = {
+            "families": probe.families,
+            "probe_seconds": float(probe.info["seconds"]),
+        }
+        if "update_norm" in t:
+            summary["update_norm"] = float(t["update_norm"].square().sum().sqrt())
+        if "grad_norm" in t:
+            summary["grad_norm"] = float(t["grad_norm"].nan_to_num(0).square().sum().sqrt())
+        if "cka" in t:
+            summary["drift"] = float((1 - t["cka"]).mean())
+            summary["cka_min"] = float(t["cka"].min())
+        return summary

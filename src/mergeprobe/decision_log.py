@@ -1,0 +1,81 @@
+"""The decision log: plain JSONL, one object per line, append-only (design §6)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .probe import utc_now
+
+DECISION_SCHEMA = "mergeprobe.decision/1"
+EVENTS = ("probe", "decision", "stopped", "final")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe values: NaN/inf become null (missing), tensors and numpy scalars plain floats."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+class DecisionLog:
+    """Appends records to a JSONL file; each record is one ``write`` of one line.
+
+    Lines are written with a single ``os.write`` on an ``O_APPEND`` descriptor, so records
+    from several writers interleave whole, never torn.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def write(
+        self, event: str, *, run: str, step: int | None, max_steps: int | None, **fields: Any
+    ) -> dict:
+        if event not in EVENTS:
+            raise ValueError(f"unknown decision-log event {event!r}; expected one of {EVENTS}")
+        fraction = step / max_steps if step is not None and max_steps else None
+        record = {
+            "schema": DECISION_SCHEMA,
+            "event": event,
+            "time": utc_now(),
+            "run": run,
+            "step": step,
+            "max_steps": max_steps,
+            "fraction": fraction,
+            **fields,
+        }
+        record = _clean(record)
+        line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        return record
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a decision log; a torn last line (a crash mid-write) is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

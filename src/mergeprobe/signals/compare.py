@@ -1,0 +1,195 @@
+"""Pairwise signals between two signatures, in the direction "i merged with j".
+
+Every value is comparable across ranks, alphas, seeds and initialisations because it is
+computed from the fixed-size, layer-seeded sketches and exact norms. A family that either
+signature lacks gives NaN (missing), never 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..signature import Probe, Signature, check_compatible
+
+NAN = float("nan")
+
+
+def _shared(a: Signature, b: Signature) -> tuple[list[int], list[int], list[str]]:
+    index_b = {name: i for i, name in enumerate(b.layers)}
+    rows_a, rows_b, names = [], [], []
+    for i, name in enumerate(a.layers):
+        if name in index_b:
+            rows_a.append(i)
+            rows_b.append(index_b[name])
+            names.append(name)
+    return rows_a, rows_b, names
+
+
+def _cosines(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-row cosines and the global cosine of two (rows, ...) stacks (NaN rows dropped)."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    ok = torch.isfinite(x).all(1) & torch.isfinite(y).all(1)
+    x, y = x[ok], y[ok]
+    if x.shape[0] == 0:
+        return torch.empty(0), NAN
+    dots = (x * y).sum(1)
+    nx, ny = x.norm(dim=1), y.norm(dim=1)
+    per_row = dots / (nx * ny).clamp_min(1e-30)
+    denom = float(nx.square().sum().sqrt() * ny.square().sum().sqrt())
+    return per_row, float(dots.sum()) / denom if denom > 0 else NAN
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    """‖num‖ / ‖den‖ over all layers (norms combined as one vector)."""
+    n = float(num.double().nan_to_num(0).square().sum().sqrt())
+    d = float(den.double().nan_to_num(0).square().sum().sqrt())
+    return n / d if d > 0 else NAN
+
+
+def _sign_agreement(x: torch.Tensor, y: torch.Tensor, top: float = 0.2) -> float:
+    """TIES-style: among sampled entries in both updates' top-``top`` by magnitude, the
+    fraction whose signs agree."""
+    agree = total = 0
+    for row_x, row_y in zip(x, y, strict=True):
+        k = max(1, int(round(top * row_x.numel())))
+        big_x = torch.zeros_like(row_x, dtype=torch.bool)
+        big_y = torch.zeros_like(row_y, dtype=torch.bool)
+        big_x[row_x.abs().topk(k).indices] = True
+        big_y[row_y.abs().topk(k).indices] = True
+        both = big_x & big_y & (row_x != 0) & (row_y != 0)
+        agree += int((torch.sign(row_x[both]) == torch.sign(row_y[both])).sum())
+        total += int(both.sum())
+    return agree / total if total else NAN
+
+
+def _subspace_excess(
+    x: torch.Tensor, y: torch.Tensor, ranks_x: list[int], ranks_y: list[int]
+) -> float:
+    """Mean over layers of the column-space overlap of two sketches above its chance level.
+
+    overlap = ‖U_xᵀ U_y‖²_F / min(r_x, r_y) for the top singular directions; two random
+    subspaces of R^k overlap by max(r_x, r_y) / k on average.
+    """
+    values = []
+    for sx, sy, rx, ry in zip(x, y, ranks_x, ranks_y, strict=True):
+        k = sx.shape[0]
+        rx, ry = min(rx, k), min(ry, k)
+        if rx == 0 or ry == 0 or not (torch.isfinite(sx).all() and torch.isfinite(sy).all()):
+            continue
+        ux = torch.linalg.svd(sx.double(), full_matrices=False).U[:, :rx]
+        uy = torch.linalg.svd(sy.double(), full_matrices=False).U[:, :ry]
+        overlap = float((ux.T @ uy).square().sum()) / min(rx, ry)
+        values.append(overlap - max(rx, ry) / k)
+    return sum(values) / len(values) if values else NAN
+
+
+def _interference(d_self: torch.Tensor, d_other: torch.Tensor, energy: float = 0.9) -> float:
+    """‖drift_other projected on self's region‖ / ‖drift_self‖, summed over layers.
+
+    Self's region is the span of the right singular vectors that carry ``energy`` of its
+    drift: the directions of hidden space that self's adapter moves.
+    """
+    num = den = 0.0
+    for ds, do in zip(d_self, d_other, strict=True):
+        ds, do = ds.double(), do.double()
+        den_l = float(ds.square().sum())
+        if den_l <= 0:
+            continue
+        _, s, vh = torch.linalg.svd(ds, full_matrices=False)
+        cumulative = (s.square().cumsum(0) / s.square().sum()).tolist()
+        q = next((i + 1 for i, c in enumerate(cumulative) if c >= energy), len(cumulative))
+        num += float((do @ vh[:q].T).square().sum())
+        den += den_l
+    return math.sqrt(num / den) if den > 0 else NAN
+
+
+def pairwise_signals(
+    a: Signature,
+    b: Signature,
+    probe_a: Probe | float | None = None,
+    probe_b: Probe | float | None = None,
+) -> dict[str, float]:
+    """Signals of ``a`` merged with ``b`` (asymmetric: ratios are partner-to-own, b over a).
+
+    ``probe_a`` / ``probe_b`` pick the probes: a ``Probe``, a fraction (last probe at or
+    before it) or ``None`` (the last probe). Raises ``IncompatibleSignatureError`` when the
+    two were made on different base models, anchor sets or sketch sizes.
+    """
+    check_compatible(a, b)
+    pa = probe_a if isinstance(probe_a, Probe) else a.probe(probe_a)
+    pb = probe_b if isinstance(probe_b, Probe) else b.probe(probe_b)
+    rows_a, rows_b, names = _shared(a, b)
+    out: dict[str, float] = {
+        "fraction_self": pa.fraction if pa.fraction is not None else NAN,
+        "fraction_other": pb.fraction if pb.fraction is not None else NAN,
+        "shared_layers": float(len(names)),
+        "layer_coverage": len(names) / max(len(a.layers), 1),
+    }
+    ta, tb = pa.tensors, pb.tensors
+    ia, ib = torch.tensor(rows_a, dtype=torch.long), torch.tensor(rows_b, dtype=torch.long)
+
+    if names and "update_sketch" in ta and "update_sketch" in tb:
+        per_layer, total = _cosines(ta["update_sketch"][ia], tb["update_sketch"][ib])
+        ranks_a = [a.metadata["adapter"]["ranks"][i] for i in rows_a]
+        ranks_b = [b.metadata["adapter"]["ranks"][i] for i in rows_b]
+        out.update(
+            update_cosine=total,
+            update_cosine_min=float(per_layer.min()) if per_layer.numel() else NAN,
+            update_conflict_fraction=float((per_layer < 0).double().mean())
+            if per_layer.numel()
+            else NAN,
+            update_norm_ratio=_ratio(tb["update_norm"][ib], ta["update_norm"][ia]),
+            update_sign_agreement=_sign_agreement(
+                ta["update_entries"][ia], tb["update_entries"][ib]
+            ),
+            update_subspace_excess=_subspace_excess(
+                ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b
+            ),
+        )
+    else:
+        out.update(
+            update_cosine=NAN,
+            update_cosine_min=NAN,
+            update_conflict_fraction=NAN,
+            update_norm_ratio=NAN,
+            update_sign_agreement=NAN,
+            update_subspace_excess=NAN,
+        )
+
+    if names and "grad_sketch" in ta and "grad_sketch" in tb:
+        per_layer, total = _cosines(ta["grad_sketch"][ia], tb["grad_sketch"][ib])
+        out.update(
+            grad_cosine=total,
+            grad_conflict_fraction=float((per_layer < 0).double().mean())
+            if per_layer.numel()
+            else NAN,
+            grad_norm_ratio=_ratio(tb["grad_norm"][ib], ta["grad_norm"][ia]),
+        )
+    else:
+        out.update(grad_cosine=NAN, grad_conflict_fraction=NAN, grad_norm_ratio=NAN)
+
+    shared_drift = [i for i in a.drift_layers if i in set(b.drift_layers)]
+    if shared_drift and "drift_sketch" in ta and "drift_sketch" in tb:
+        da = ta["drift_sketch"][[a.drift_layers.index(i) for i in shared_drift]]
+        db = tb["drift_sketch"][[b.drift_layers.index(i) for i in shared_drift]]
+        na = ta["drift_norm"][[a.drift_layers.index(i) for i in shared_drift]]
+        nb = tb["drift_norm"][[b.drift_layers.index(i) for i in shared_drift]]
+        _, total = _cosines(da, db)
+        out.update(
+            drift_cosine=total,
+            drift_norm_ratio=_ratio(nb, na),
+            interference_ratio=_interference(da, db),
+            cka_self=float(ta["cka"].mean()),
+            cka_other=float(tb["cka"].mean()),
+        )
+    else:
+        out.update(
+            drift_cosine=NAN,
+            drift_norm_ratio=NAN,
+            interference_ratio=NAN,
+            cka_self=NAN,
+            cka_other=NAN,
+        )
+    return out
