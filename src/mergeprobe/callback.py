@@ -222,6 +222,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._store: SignatureStore | None = None
         self._log: DecisionLog | None = None
         self._trainer = None
+        self._targets: dict[int, list[float]] = {}
         self._pending_logs: dict[str, float] = {}
         self._loss: float | None = None
         self._first_loss: tuple[int, float] | None = None
@@ -260,6 +261,16 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         """The resolved run name (known from ``on_train_begin`` on)."""
         return self.signature.name if self.signature is not None else None
 
+    @property
+    def log_path_(self) -> Path | None:
+        """The resolved decision-log path (known from ``on_train_begin`` on)."""
+        return self._log.path if self._log is not None else None
+
+    @property
+    def store_(self) -> SignatureStore | None:
+        """The resolved signature store (known from ``on_train_begin`` on)."""
+        return self._store
+
     # -- setup -----------------------------------------------------------------------------
 
     def _resolve_run_name(self, args) -> str:
@@ -281,8 +292,18 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     def _schedule(self, max_steps: int) -> None:
         self.horizon_steps = max(1, math.ceil(self.horizon * max_steps - 1e-9))
         fractions = self.probe_fractions or [self.horizon * f for f in (0.2, 0.4, 1.0)]
-        steps = {min(max(1, round(f * max_steps)), self.horizon_steps) for f in fractions}
-        self.probe_steps = sorted(steps)
+        self._targets: dict[int, list[float]] = {}
+        for f in fractions:
+            step = min(max(1, round(f * max_steps)), self.horizon_steps)
+            self._targets.setdefault(step, []).append(round(f, 12))
+        self.probe_steps = sorted(self._targets)
+        if len(self.probe_steps) < len(fractions):
+            logger.info(
+                "mergeprobe: %d steps are too few to probe at %s separately; probing at steps %s",
+                max_steps,
+                fractions,
+                self.probe_steps,
+            )
 
     def _hook_failed(self, exc: BaseException) -> None:
         self.failures.append(f"gradient hook: {exc!r}")
@@ -458,7 +479,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     def _probe(self, state, kind: str) -> None:
         step, max_steps = state.global_step, state.max_steps
-        probe = self._recorder.measure(step, step / max_steps, kind, info={"loss": self._loss})
+        info = {
+            "loss": self._loss,
+            "target_fractions": self._targets.get(step, []) if kind == "probe" else [1.0],
+        }
+        probe = self._recorder.measure(step, step / max_steps, kind, info=info)
         self.signature.probes.append(probe)
         self.signature.metadata["updated"] = utc_now()
         summary = self._summary(probe)

@@ -382,6 +382,38 @@ def _load_peft_model(adapter_dir: Path, base_model, torch_dtype=None):
     return PeftModel.from_pretrained(model, str(adapter_dir)), str(base)
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+)
+
+
+def _load_tokenizer(base_path: str):
+    """The base model's tokenizer, or ``None`` (with a warning) when it has none.
+
+    A local directory without tokenizer files is refused up front: transformers would
+    otherwise build a placeholder tokenizer that maps every anchor word to [UNK].
+    """
+    import transformers
+
+    local = Path(base_path)
+    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+        logger.warning(
+            "mergeprobe: %s has no tokenizer files; the signature has no drift", base_path
+        )
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(base_path)
+    except Exception as exc:  # hub name not cached, broken files: drift is optional
+        logger.warning(
+            "mergeprobe: no tokenizer for %s (%r); the signature has no drift", base_path, exc
+        )
+        return None
+
+
 def signature_of_adapter(
     adapter,
     *,
@@ -418,14 +450,7 @@ def signature_of_adapter(
         model, base_path = _load_peft_model(adapter_dir, base_model, torch_dtype)
         default_name = adapter_dir.resolve().name
         if tokenizer is None and base_path is not None:
-            try:
-                import transformers
-
-                tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
-            except Exception as exc:  # no tokenizer files next to the weights
-                logger.warning(
-                    "mergeprobe: no tokenizer for %s (%s); drift is skipped", base_path, exc
-                )
+            tokenizer = _load_tokenizer(base_path)
         state_path = adapter_dir / "trainer_state.json"
         history = json.loads(state_path.read_text()) if state_path.is_file() else {}
     else:

@@ -35,7 +35,10 @@ class Probe:
         kind: ``"probe"`` inside the horizon, ``"final"`` at the end of training.
         tensors: per-family tensors; layer order is the signature's ``layers`` /
             ``drift_layers`` metadata.
-        info: small JSON scalars (gradient steps averaged, loss, seconds taken).
+        info: small JSON scalars: ``grad_steps`` (gradient sketches are the mean over the
+            first ``grad_steps`` steps; they stop at the horizon, so a final probe carries the
+            early mean), ``target_fractions`` (the scheduled fractions this probe serves),
+            ``loss``, ``seconds``.
     """
 
     step: int | None
@@ -66,12 +69,21 @@ class Signature:
         return list(self.metadata.get("drift_layers", []))
 
     def probe(self, fraction: float | None = None, kind: str | None = None) -> Probe:
-        """The probe of a given kind, or the last one at or before ``fraction``.
+        """The probe of a given kind, scheduled for ``fraction`` or else the last one before it.
 
         With neither argument, the last probe. Raises ``KeyError`` when none matches.
         """
         candidates = [p for p in self.probes if kind is None or p.kind == kind]
         if fraction is not None:
+            # A probe scheduled for this fraction wins: rounding to whole steps can put it a
+            # little after the fraction on short runs.
+            targeted = [
+                p
+                for p in candidates
+                if any(abs(t - fraction) < 1e-9 for t in p.info.get("target_fractions", ()))
+            ]
+            if targeted:
+                return targeted[-1]
             candidates = [
                 p for p in candidates if p.fraction is not None and p.fraction <= fraction + 1e-9
             ]
@@ -143,7 +155,7 @@ class Signature:
         metadata = {
             k: v
             for k, v in document.items()
-            if k not in ("schema", "name", "probes", "tensors_sha256")
+            if k not in ("schema", "name", "probes", "tensors_sha256", "tensors_file")
         }
         return cls(name=name, metadata=metadata, probes=probes)
 

