@@ -113,7 +113,7 @@ def main(argv=None) -> None:
         f"data: {source}; {len(texts)} rows, max_length {args.max_length}; torch threads {torch.get_num_threads()}"
     )
 
-    without, with_cb, probe_seconds, sizes = [], [], [], []
+    without, with_cb, probe_seconds, sizes, in_events = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             without.append(run(path, tokenizer, dataset, args.steps, f"{tmp}/plain{repeat}"))
@@ -122,13 +122,14 @@ def main(argv=None) -> None:
             with_cb.append(
                 run(path, tokenizer, dataset, args.steps, f"{tmp}/probe{repeat}", callback)
             )
+            in_events.append(callback.overhead_seconds)
             signature = store.load("overhead")
             probe_seconds += [p.info["seconds"] for p in signature.probes]
             files = list((store.path / "signatures").glob("overhead.*"))
             sizes.append(sum(f.stat().st_size for f in files))
             print(
                 f"repeat {repeat + 1}/{args.repeats}: without {without[-1]:.1f} s, with {with_cb[-1]:.1f} s, "
-                f"ratio {with_cb[-1] / without[-1]:.3f}, probes {[(p.kind, p.step) for p in signature.probes]}"
+                f"ratio {with_cb[-1] / without[-1]:.3f}, in events {in_events[-1]:.2f} s, probes {[(p.kind, p.step) for p in signature.probes]}"
             )
     ratios = [w / o for w, o in zip(with_cb, without, strict=True)]
     print()
@@ -141,6 +142,10 @@ def main(argv=None) -> None:
     print(f"| wall time with callback (median) | {statistics.median(with_cb):.1f} s |")
     print(
         f"| overhead ratio (median of paired runs) | {statistics.median(ratios):.3f} (all: {', '.join(f'{r:.3f}' for r in ratios)}) |"
+    )
+    print(
+        f"| time inside the callback's events (median) | {statistics.median(in_events):.2f} s "
+        f"({statistics.median(in_events) / statistics.median(with_cb):.1%} of the run) |"
     )
     print(
         f"| time per probe (median, max) | {statistics.median(probe_seconds):.3f} s, {max(probe_seconds):.3f} s |"

@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ def _guarded(method):
     def wrapper(self, args, state, control, **kwargs):
         if not self._active and method.__name__ != "on_train_begin":
             return None
+        start = time.perf_counter()
         try:
             return method(self, args, state, control, **kwargs)
         except Exception as exc:
@@ -61,6 +63,8 @@ def _guarded(method):
                     exc,
                 )
             return None
+        finally:
+            self.overhead_seconds += time.perf_counter() - start
 
     return wrapper
 
@@ -214,6 +218,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.run_id: str | None = None
         # Runtime state, rebuilt in on_train_begin.
         self.failures: list[str] = []
+        # Wall time spent inside this callback's events (the gradient hooks, which run inside
+        # the user's forward and backward passes, are not included).
+        self.overhead_seconds = 0.0
         self.signature: Signature | None = None
         self.probe_steps: list[int] = []
         self.horizon_steps = 0
@@ -496,6 +503,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 max_steps=max_steps,
                 signals=summary,
                 store=str(self._store.path),
+                overhead_seconds=round(self.overhead_seconds, 3),
             )
         scalars = {f"mergeprobe/{k}": v for k, v in summary.items() if isinstance(v, float)}
         if self._trainer is not None and kind == "probe":

