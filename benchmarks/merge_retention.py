@@ -64,7 +64,7 @@ class BenchConfig:
     alpha: int = 16
     targets: tuple[str, ...] = ("query", "key", "value", "dense")
     max_length: int = 128
-    n_test: int = 500
+    n_test: int = 300
     horizon: float = 0.1
     fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
     triples: int = 60
@@ -715,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", help="task folders (default: all in --data)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--n-test", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--triples", type=int, default=60)
     parser.add_argument(
@@ -724,7 +724,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--data", default=str(DEFAULT_DATA), help="task folders (default: ../shared/data)"
     )
-    parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache"))
+    parser.add_argument(
+        "--cache",
+        default=os.environ.get(
+            "MERGEPROBE_BENCH_CACHE", str(Path.home() / ".cache" / "mergeprobe" / "benchmark")
+        ),
+        help="adapters, signatures and measurements (default: $MERGEPROBE_BENCH_CACHE or "
+        "~/.cache/mergeprobe/benchmark, outside the work tree so a fresh checkout can resume)",
+    )
     parser.add_argument("--out", help="results folder (default: benchmarks/results[/quick])")
     args = parser.parse_args(argv)
 

@@ -2,32 +2,31 @@
 
 from ._version import __version__
 from .callback import MergeProbeCallback
-from .decision_log import DecisionLog, read_log
+from .decision_log import read_log
 from .exceptions import (
     CorruptSignatureError,
     IncompatibleSignatureError,
     InvalidParameterError,
     MergeprobeError,
 )
-from .probe import SignalRecorder, signature_of_adapter
+from .probe import signature_of_adapter
 from .signals.compare import pairwise_signals
 from .signature import Probe, Signature, check_compatible
-from .store import SignatureStore
+from .store import SignatureStore, sanitize_name
 
 __all__ = [
     "CorruptSignatureError",
-    "DecisionLog",
     "IncompatibleSignatureError",
     "InvalidParameterError",
     "MergeProbeCallback",
     "MergeprobeError",
     "Probe",
-    "SignalRecorder",
     "Signature",
     "SignatureStore",
     "__version__",
     "check_compatible",
     "pairwise_signals",
     "read_log",
+    "sanitize_name",
     "signature_of_adapter",
 ]

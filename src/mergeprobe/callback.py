@@ -22,9 +22,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ._util import utc_now
 from .decision_log import DecisionLog
-from .exceptions import InvalidParameterError
-from .probe import SignalRecorder, resolve_anchor_inputs, utc_now
+from .exceptions import InvalidParameterError, MergeprobeError
+from .probe import SignalRecorder, positive_int, resolve_anchor_inputs
 from .signature import Signature
 from .store import SignatureStore, sanitize_name
 
@@ -90,6 +91,38 @@ def _find_trainer():
     finally:
         del frame
     return None
+
+
+CHECKPOINT_FILE = "mergeprobe_state.safetensors"
+
+
+def _load_checkpoint_state(output_dir, step: int) -> tuple[dict, dict, int]:
+    """(anchor inputs, gradient totals, gradient steps) saved beside checkpoint ``step``."""
+    path = Path(output_dir or ".") / f"checkpoint-{step}" / CHECKPOINT_FILE
+    if not path.is_file():
+        return {}, {}, 0
+    from safetensors import safe_open
+
+    anchors, totals = {}, {}
+    with safe_open(str(path), "pt") as f:
+        steps = int((f.metadata() or {}).get("grad_steps", 0))
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            family, _, name = key.partition(".")
+            (anchors if family == "anchor" else totals)[name] = f.get_tensor(key)
+    return anchors, totals, steps
+
+
+def _all_ranks_ok(ok: bool, model=None) -> bool:
+    """``ok`` on every data-parallel rank (a MIN all-reduce); just ``ok`` in one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class MergeProbeCallback(TrainerCallback, ExportableState):
@@ -208,11 +241,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             "max_drift_layers",
             "anchor_max_length",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(
-                    f"The {name!r} parameter of {owner} must be an int >= 1. Got {value!r} instead."
-                )
+            positive_int(name, getattr(self, name), owner)
 
         # Progress (restored from checkpoints through ExportableState).
         self.run_id: str | None = None
@@ -291,10 +320,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             return sanitize_name(explicit)
         return sanitize_name(Path(output_dir).resolve().name)
 
-    def _resolve_store(self) -> SignatureStore:
+    def _resolve_store(self, create: bool = True) -> SignatureStore | None:
         if isinstance(self.store, SignatureStore):
             return self.store
-        return SignatureStore(self.store or os.environ.get(DEFAULT_STORE_ENV) or "mergeprobe-store")
+        path = Path(self.store or os.environ.get(DEFAULT_STORE_ENV) or "mergeprobe-store")
+        return SignatureStore(path) if create or path.is_dir() else None
 
     def _schedule(self, max_steps: int) -> None:
         self.horizon_steps = max(1, math.ceil(self.horizon * max_steps - 1e-9))
@@ -325,9 +355,35 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if self._recorder is not None:
             self._recorder.gradient.detach()
 
+    def _reset(self) -> None:
+        """Forget everything of a previous ``train()`` (a callback instance can be reused)."""
+        self.failures = []
+        self.overhead_seconds = 0.0
+        self.signature = None
+        self._recorder = None
+        self._store = None
+        self._log = None
+        self._trainer = None
+        self._pending_logs = {}
+        self._loss = None
+        self._first_loss = None
+
     @_guarded
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._active = False
+        self._reset()
+        error = None
+        try:
+            self._setup(args, state, model, processing_class)
+        except Exception as exc:
+            error = exc
+        # Every rank reaches one verdict before any collective: a rank that switched itself
+        # off while the others all-reduce gradient sketches would hang the run.
+        if not _all_ranks_ok(error is None, model):
+            raise error or MergeprobeError("mergeprobe setup failed on another rank")
+        self._active = True
+
+    def _setup(self, args, state, model, processing_class) -> None:
         if model is None:
             raise InvalidParameterError("the Trainer passed no model to the callback")
         if not state.max_steps or state.max_steps <= 0:
@@ -337,12 +393,21 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._schedule(state.max_steps)
         self._write = bool(state.is_world_process_zero)
         name = self._resolve_run_name(args)
-        self._store = self._resolve_store()
-        log_path = self.log_path or os.path.join(args.output_dir or ".", "mergeprobe.jsonl")
-        self._log = DecisionLog(log_path)
+        # Only the writer creates the store; other ranks read it when it exists (resume).
+        self._store = self._resolve_store(create=self._write)
+        self._log = DecisionLog(
+            self.log_path or os.path.join(args.output_dir or ".", "mergeprobe.jsonl")
+        )
 
+        resuming = state.global_step > 0
+        anchor_inputs = self.anchor_inputs
+        saved_anchors, saved_totals, saved_steps = (
+            _load_checkpoint_state(args.output_dir, state.global_step) if resuming else ({}, {}, 0)
+        )
+        if anchor_inputs is None and saved_anchors:
+            anchor_inputs = saved_anchors
         inputs, anchor_info = resolve_anchor_inputs(
-            processing_class, self.anchor_texts, self.anchor_inputs, self.anchor_max_length
+            processing_class, self.anchor_texts, anchor_inputs, self.anchor_max_length
         )
         if inputs is None:
             logger.warning(
@@ -360,11 +425,20 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             drift_sketch_size=self.drift_sketch_size,
             max_drift_layers=self.max_drift_layers,
             on_error=self._hook_failed,
+            strict=self.strict,
         )
-        resuming = state.global_step > 0
         if not resuming:
             self._recorder.capture_initial()
-        self._recorder.capture_base()
+        try:
+            self._recorder.capture_base()
+        except Exception as exc:  # drift is one family of three: lose it, keep the others
+            if self.strict:
+                raise
+            self._recorder.anchor_inputs = None
+            self.failures.append(f"drift setup: {exc!r}")
+            logger.warning(
+                "mergeprobe: drift setup failed (%r); drift is off, the other signals go on", exc
+            )
 
         metadata = self._recorder.describe()
         metadata.update(
@@ -382,42 +456,83 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 "world_size": getattr(args, "world_size", 1),
             },
         )
-        probes = []
-        if resuming and self.run_id is not None:
-            probes = self._restore_probes(name, state.global_step)
-        self.run_id = self.run_id or uuid.uuid4().hex
-        metadata["run_id"] = self.run_id
-        self.signature = Signature(name=name, metadata=metadata, probes=probes)
-        if self._write and not resuming and name in self._store:
-            previous = self._store.metadata(name).get("run_id")
-            if previous and previous != self.run_id:
+        self.signature = Signature(name=name, metadata=metadata, probes=[])
+        previous = self._previous_entry(name)
+        if resuming:
+            self._resume_from(previous, state.global_step)
+            if saved_steps:  # exact running totals from the checkpoint beat a probe's mean
+                self._recorder.gradient.load_state_tensors(saved_totals, saved_steps)
+        else:
+            if previous is not None and self._write:
                 logger.warning(
                     "mergeprobe: store %s already has an entry %r from another run; it will be "
                     "replaced. Pass run_name=... to keep both.",
                     self._store.path,
                     name,
                 )
+            self.run_id = uuid.uuid4().hex
+        self.run_id = self.run_id or uuid.uuid4().hex
+        self.signature.metadata["run_id"] = self.run_id
         self._trainer = _find_trainer() if self.report_to_trainer else None
-        self._active = True
 
-    def _restore_probes(self, name: str, step: int) -> list:
-        """On resume, the probes this run already stored, and its gradient running total."""
-        if name not in self._store:
-            return []
+    def _previous_entry(self, name: str) -> Signature | None:
+        if self._store is None or name not in self._store:
+            return None
         try:
-            previous = self._store.load(name)
-        except Exception as exc:
+            return self._store.load(name)
+        except Exception as exc:  # a corrupt entry of the same name is simply replaced
             logger.warning(
-                "mergeprobe: could not reload %r to resume (%r); starting afresh", name, exc
+                "mergeprobe: the stored entry %r is unreadable (%r); it will be replaced", name, exc
             )
-            return []
-        if previous.metadata.get("run_id") != self.run_id:
-            return []
+            return None
+
+    def _resume_from(self, previous: Signature | None, step: int) -> None:
+        """Keep this run's probes up to ``step`` and its gradient running total.
+
+        The stored entry is this run's when its ``run_id`` matches the restored callback state
+        (``restore_callback_states_from_checkpoint=True``) or, without restored state, when it
+        is a training run with the same ``max_steps``, layers and anchor inputs.
+        """
+        if previous is None:
+            return
+        meta, current = previous.metadata, self.signature.metadata
+        if self.run_id is not None:
+            ours = meta.get("run_id") == self.run_id
+        else:
+            ours = (
+                meta.get("source") == "training"
+                and (meta.get("training") or {}).get("max_steps")
+                == current["training"]["max_steps"]
+                and previous.layers == self.signature.layers
+            )
+        if not ours:
+            return
+        if (meta.get("anchor") or {}) != (current.get("anchor") or {}):
+            logger.warning(
+                "mergeprobe: run %r resumes with another anchor set than it started with; its "
+                "earlier probes are dropped (pass the same anchor_inputs / anchor_texts to resume)",
+                previous.name,
+            )
+            return
+        if (meta.get("adapter") or {}).get("nonzero_init_layers"):
+            logger.warning(
+                "mergeprobe: run %r started from non-zero LoRA factors; after a resume ΔW is "
+                "measured from zero, not from the initial factors",
+                previous.name,
+            )
+        self.run_id = meta.get("run_id")
+        if meta.get("covariates"):
+            current["covariates"] = meta["covariates"]
+            self._first_loss = (
+                meta["covariates"].get("first_logged_step"),
+                meta["covariates"].get("first_logged_loss"),
+            )
         probes = [
             p
             for p in previous.probes
-            if p.step is not None and p.step <= step and p.kind == "probe"
+            if p.kind == "probe" and p.step is not None and p.step <= step
         ]
+        self.signature.probes = probes
         if probes and "grad_sketch" in probes[-1].tensors:
             last = probes[-1]
             steps = int(last.info.get("grad_steps", 0))
@@ -427,9 +542,32 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 if bool(torch.isfinite(last.tensors["grad_sketch"][i]).all())
             }
             self._recorder.gradient.load_state_tensors(totals, steps)
-        return probes
+        logger.info(
+            "mergeprobe: resuming run %r at step %d with %d earlier probes",
+            previous.name,
+            step,
+            len(probes),
+        )
 
     # -- training events -------------------------------------------------------------------
+
+    @_guarded
+    def on_save(self, args, state, control, **kwargs):
+        # What the JSON callback state that transformers restores cannot hold goes beside the
+        # checkpoint: user-given anchor tensors (so a resumed run measures the same drift) and
+        # the gradient running totals (so the horizon mean covers every step exactly).
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not self._write or not folder.is_dir():
+            return
+        from safetensors.torch import save_file
+
+        anchors = self.anchor_inputs or {}
+        tensors = {f"anchor.{k}": torch.as_tensor(v).contiguous() for k, v in anchors.items()}
+        gradient = self._recorder.gradient
+        tensors.update({f"grad.{k}": v.contiguous() for k, v in gradient.totals().items()})
+        if tensors:
+            metadata = {"grad_steps": str(gradient.steps)}
+            save_file(tensors, str(folder / CHECKPOINT_FILE), metadata=metadata)
 
     @_guarded
     def on_step_begin(self, args, state, control, **kwargs):
@@ -456,7 +594,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if state.global_step in self.probe_steps and not any(
             p.step == state.global_step for p in self.signature.probes
         ):
-            self._probe(state, "probe")
+            self._probe(state, "probe", control)
 
     @_guarded
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -477,14 +615,16 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         try:
             if self.final_probe:
-                self._probe(state, "final")
+                self._probe(state, "final", control)
         finally:
             self._detach()
             self._active = False
+            self._trainer = None  # do not keep the Trainer (and its model) alive
+            self._recorder = None
 
     # -- probing ---------------------------------------------------------------------------
 
-    def _probe(self, state, kind: str) -> None:
+    def _probe(self, state, kind: str, control=None) -> None:
         step, max_steps = state.global_step, state.max_steps
         info = {
             "loss": self._loss,
@@ -506,8 +646,13 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 overhead_seconds=round(self.overhead_seconds, 3),
             )
         scalars = {f"mergeprobe/{k}": v for k, v in summary.items() if isinstance(v, float)}
-        if self._trainer is not None and kind == "probe":
+        if self._trainer is not None:
+            # Trainer.log ends in on_log, which clears control.should_log: without this, a probe
+            # on a logging step would swallow the Trainer's own loss record for that step.
+            should_log = control.should_log if control is not None else None
             self._trainer.log(scalars)
+            if control is not None:
+                control.should_log = should_log
         else:
             self._pending_logs.update(scalars)
 

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from .probe import utc_now
+from ._util import clean_json, utc_now
 
 DECISION_SCHEMA = "mergeprobe.decision/1"
 EVENTS = ("probe", "decision", "stopped", "final")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe values: NaN/inf become null (missing), tensors and numpy scalars plain floats."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
 
 
 class DecisionLog:
@@ -55,7 +39,7 @@ class DecisionLog:
             "fraction": fraction,
             **fields,
         }
-        record = _clean(record)
+        record = clean_json(record)
         line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

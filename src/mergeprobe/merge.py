@@ -68,9 +68,10 @@ def merge_deltas(
         raise InvalidParameterError(
             f"The 'density' parameter must be in (0, 1]. Got {density!r} instead."
         )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # merge_utils draws DARE masks from the global generator
-    try:
+    # merge_utils draws DARE masks from the global generator: seed it, and leave the caller's
+    # random state (CPU and CUDA) as it was.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
         merged = {}
         for layer in sorted({name for d in deltas for name in d}):
             members = [
@@ -84,6 +85,4 @@ def merge_deltas(
                 merged[layer] = merge_utils.ties(tensors, w, density=density)
             else:
                 merged[layer] = merge_utils.dare_linear(tensors, w, density=density)
-        return merged
-    finally:
-        torch.random.set_rng_state(generator_state)
+    return merged

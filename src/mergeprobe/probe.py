@@ -10,13 +10,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._util import utc_now
 from ._version import __version__
 from .adapters import (
     LoraLayerRef,
@@ -31,22 +31,29 @@ from .anchors import DEFAULT_ANCHOR_TEXTS, anchor_hash, tokenize_anchors
 from .exceptions import InvalidParameterError, MergeprobeError
 from .signals.drift import linear_cka, pool_hidden, sketch_drift
 from .signals.gradient import GradientSketcher
-from .signals.update import sample_update_entries, sketch_update
+from .signals.update import sample_update_entries, sketch_update, update_norm
 from .signature import Probe, Signature
 
 logger = logging.getLogger(__name__)
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _positive_int(name: str, value: Any, owner: str) -> int:
+def positive_int(name: str, value: Any, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidParameterError(
             f"The {name!r} parameter of {owner} must be an int >= 1. Got {value!r} instead."
         )
     return value
+
+
+def _logits_to_keep(model: nn.Module) -> dict[str, int]:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepts = "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 def _drift_indices(num_hidden: int, max_layers: int) -> list[int]:
@@ -55,6 +62,8 @@ def _drift_indices(num_hidden: int, max_layers: int) -> list[int]:
     layers = list(range(1, num_hidden))
     if len(layers) <= max_layers:
         return layers
+    if max_layers == 1:
+        return [layers[-1]]
     picks = {layers[round(i * (len(layers) - 1) / (max_layers - 1))] for i in range(max_layers)}
     return sorted(picks)
 
@@ -74,6 +83,7 @@ class SignalRecorder:
         max_drift_layers: at most this many hidden layers are probed for drift.
         anchor_batch_size: anchor inputs per forward pass.
         on_error: called with the exception when a gradient hook fails.
+        strict: raise when a family fails, instead of recording the error and going on.
     """
 
     def __init__(
@@ -89,13 +99,15 @@ class SignalRecorder:
         max_drift_layers: int = 12,
         anchor_batch_size: int = 32,
         on_error: Callable[[BaseException], None] | None = None,
+        strict: bool = False,
     ) -> None:
         owner = type(self).__name__
-        self.sketch_size = _positive_int("sketch_size", sketch_size, owner)
-        self.entry_count = _positive_int("entry_count", entry_count, owner)
-        self.drift_sketch_size = _positive_int("drift_sketch_size", drift_sketch_size, owner)
-        self.max_drift_layers = _positive_int("max_drift_layers", max_drift_layers, owner)
-        self.anchor_batch_size = _positive_int("anchor_batch_size", anchor_batch_size, owner)
+        self.strict = bool(strict)
+        self.sketch_size = positive_int("sketch_size", sketch_size, owner)
+        self.entry_count = positive_int("entry_count", entry_count, owner)
+        self.drift_sketch_size = positive_int("drift_sketch_size", drift_sketch_size, owner)
+        self.max_drift_layers = positive_int("max_drift_layers", max_drift_layers, owner)
+        self.anchor_batch_size = positive_int("anchor_batch_size", anchor_batch_size, owner)
         self.model = unwrap_model(model)
         self.adapter_name = active_adapter_name(self.model, adapter_name)
         self.layers: list[LoraLayerRef] = find_lora_layers(self.model, self.adapter_name)
@@ -109,6 +121,8 @@ class SignalRecorder:
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.base_pooled: dict[int, torch.Tensor] = {}
         self.drift_layers: list[int] = []
+        # Causal LMs: ask for one position's logits, not (batch, seq, vocab) of them.
+        self._forward_kwargs = _logits_to_keep(self.model)
         self.gradient = GradientSketcher(
             {ref.name: ref.module for ref in self.layers},
             {ref.name: ref.shape for ref in self.layers},
@@ -156,7 +170,7 @@ class SignalRecorder:
                     k: v[start : start + self.anchor_batch_size].to(device)
                     for k, v in self.anchor_inputs.items()
                 }
-                out = self.model(**batch, output_hidden_states=True)
+                out = self.model(**batch, **self._forward_kwargs, output_hidden_states=True)
                 hidden = getattr(out, "hidden_states", None)
                 if hidden is None:
                     raise MergeprobeError(
@@ -185,9 +199,7 @@ class SignalRecorder:
         sketches, norms, entries = [], [], []
         for ref in self.layers:
             update = ref.update(self.initial.get(ref.name))
-            left, right = update.factors()
-            # ‖L R‖²_F = tr((LᵀL)(R Rᵀ)): exact, without the (out, in) matrix.
-            norms.append(torch.trace((left.T @ left) @ (right @ right.T)).clamp_min(0).sqrt().cpu())
+            norms.append(torch.tensor(update_norm(update)))  # exact, by the Gram identity
             sketches.append(sketch_update(update, ref.name, self.sketch_size))
             entries.append(sample_update_entries(update, ref.name, self.entry_count))
         return {
@@ -233,8 +245,28 @@ class SignalRecorder:
     ) -> Probe:
         """All families that can be measured now, as one probe."""
         start = time.perf_counter()
-        tensors = {**self.measure_update(), **self.measure_gradient(), **self.measure_drift()}
         info = {**(info or {}), "grad_steps": self.gradient.steps}
+        tensors: dict[str, torch.Tensor] = {}
+        errors = {}
+        for family, measure in (
+            ("update", self.measure_update),
+            ("gradient", self.measure_gradient),
+            ("drift", self.measure_drift),
+        ):
+            try:  # one family failing leaves the others measured
+                tensors.update(measure())
+            except Exception as exc:
+                if self.strict:
+                    raise
+                errors[family] = repr(exc)
+                logger.warning(
+                    "mergeprobe: %s signals failed at step %s (%r); the others are kept",
+                    family,
+                    step,
+                    exc,
+                )
+        if errors:
+            info["errors"] = errors
         info["seconds"] = round(time.perf_counter() - start, 4)
         return Probe(step=step, fraction=fraction, kind=kind, tensors=tensors, info=info)
 
@@ -326,6 +358,8 @@ def resolve_anchor_inputs(
     source = "user" if anchor_texts is not None else "default"
     info = {
         "hash": anchor_hash(texts=texts),
+        # The same texts tokenized differently (another tokenizer, max length) are other inputs.
+        "inputs_hash": anchor_hash(inputs=inputs),
         "source": source,
         "n": len(texts),
         "max_length": max_length,

@@ -176,11 +176,18 @@ def check_compatible(a: Signature, b: Signature) -> None:
                 "Only adapters of the same base model can be merged."
             )
     anchor_a, anchor_b = a.metadata.get("anchor") or {}, b.metadata.get("anchor") or {}
-    if anchor_a and anchor_b and anchor_a.get("hash") != anchor_b.get("hash"):
+    inputs_differ = (
+        "inputs_hash" in anchor_a
+        and "inputs_hash" in anchor_b
+        and anchor_a["inputs_hash"] != anchor_b["inputs_hash"]
+    )
+    if anchor_a and anchor_b and (anchor_a.get("hash") != anchor_b.get("hash") or inputs_differ):
         raise IncompatibleSignatureError(
             f"signatures {a.name!r} and {b.name!r} measured drift on different anchor sets: "
-            f"{a.name!r} on {anchor_a.get('hash')} ({anchor_a.get('source')}, n={anchor_a.get('n')}), "
-            f"{b.name!r} on {anchor_b.get('hash')} ({anchor_b.get('source')}, n={anchor_b.get('n')}). "
+            f"{a.name!r} on texts {anchor_a.get('hash')}, inputs {anchor_a.get('inputs_hash')} "
+            f"({anchor_a.get('source')}, n={anchor_a.get('n')}, max_length={anchor_a.get('max_length')}), "
+            f"{b.name!r} on texts {anchor_b.get('hash')}, inputs {anchor_b.get('inputs_hash')} "
+            f"({anchor_b.get('source')}, n={anchor_b.get('n')}, max_length={anchor_b.get('max_length')}). "
             "Use the same anchor set (the built-in default, or the same texts) for every run."
         )
     sketch_a, sketch_b = a.metadata.get("sketch", {}), b.metadata.get("sketch", {})

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ._util import clean_json
 from .exceptions import CorruptSignatureError, InvalidParameterError
 from .signature import Signature
 
@@ -85,8 +86,12 @@ class SignatureStore:
     def __repr__(self) -> str:
         return f"SignatureStore({str(self.path)!r})"
 
-    def __contains__(self, name: str) -> bool:
-        return (self._dir / f"{name}.json").is_file()
+    def __contains__(self, name: object) -> bool:
+        return (
+            isinstance(name, str)
+            and bool(_NAME.match(name))
+            and (self._dir / f"{name}.json").is_file()
+        )
 
     def __len__(self) -> int:
         return len(self.names())
@@ -100,18 +105,30 @@ class SignatureStore:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read(self, name: str) -> tuple[bytes, dict[str, Any]]:
-        meta_path = self._dir / f"{name}.json"
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidParameterError(
+                f"A signature name must match {_NAME.pattern} (letters, digits, '.', '_', '-'). "
+                f"Got {name!r} instead; sanitize_name() makes one from any text."
+            )
+
+    def _read_document(self, name: str) -> dict[str, Any]:
+        """The parsed metadata of one entry (``KeyError`` if absent)."""
+        self._check_name(name)
         try:
-            document = json.loads(meta_path.read_text(encoding="utf-8"))
+            document = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise KeyError(
                 f"no signature named {name!r} in {self}; it has {self.names()}"
             ) from None
         except (OSError, ValueError) as exc:
             raise CorruptSignatureError(f"signature {name!r}: unreadable metadata ({exc})") from exc
-        if not isinstance(document, dict):
-            raise CorruptSignatureError(f"signature {name!r}: metadata is not a JSON object")
+        if not isinstance(document, dict) or "schema" not in document:
+            raise CorruptSignatureError(f"signature {name!r}: metadata is not a signature document")
+        return document
+
+    def _read(self, name: str) -> tuple[bytes, dict[str, Any]]:
+        document = self._read_document(name)
         try:
             blob = self._tensor_path(name, document).read_bytes()
         except OSError as exc:
@@ -142,19 +159,19 @@ class SignatureStore:
     def load(self, name: str) -> Signature:
         """Load one signature; raises ``KeyError`` if absent, ``CorruptSignatureError`` if broken."""
         for attempt in range(3):
-            blob, document = self._read(name)
             try:
-                return Signature.from_bytes(blob, document)
+                return Signature.from_bytes(*self._read(name))
             except CorruptSignatureError:
-                # A writer may have replaced one file between our two reads: retry briefly.
+                # A writer may have committed a new version between our reads of the metadata
+                # and of the tensor file (and removed the old one): read again.
                 if attempt == 2:
                     raise
                 time.sleep(0.05)
         raise AssertionError("unreachable")
 
     def metadata(self, name: str) -> dict[str, Any]:
-        """The JSON metadata of one entry, without loading its tensors."""
-        return self._read(name)[1]
+        """The JSON metadata of one entry, without reading its tensor file."""
+        return self._read_document(name)
 
     def list(self) -> list[dict[str, Any]]:
         """Metadata of every readable entry; corrupt entries are reported and skipped.
@@ -165,12 +182,10 @@ class SignatureStore:
         entries = []
         for name in self.names():
             try:
-                document = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
-                if not isinstance(document, dict) or "schema" not in document:
-                    raise ValueError("not a signature document")
+                document = self._read_document(name)
                 self._check_header(self._tensor_path(name, document))
                 entries.append(document)
-            except (OSError, ValueError, CorruptSignatureError) as exc:
+            except (OSError, ValueError, KeyError, CorruptSignatureError) as exc:
                 self._report(name, exc)
         return entries
 
@@ -203,18 +218,15 @@ class SignatureStore:
 
     def save(self, signature: Signature) -> Path:
         """Write (or replace) one entry atomically; returns the metadata file's path."""
-        if not _NAME.match(signature.name or ""):
-            raise InvalidParameterError(
-                f"The signature name must match {_NAME.pattern} (letters, digits, '.', '_', '-'). "
-                f"Got {signature.name!r} instead; sanitize_name() makes one from any text."
-            )
+        self._check_name(signature.name)
         name = signature.name
         blob, document = signature.to_bytes()
         document["tensors_file"] = f"{name}.{document['tensors_sha256'][:16]}.safetensors"
         meta_path = self._dir / f"{name}.json"
         previous = self._referenced_tensor_file(name)
         _atomic_write(self._dir / document["tensors_file"], blob)
-        _atomic_write(meta_path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+        text = json.dumps(clean_json(document), indent=2, sort_keys=True, allow_nan=False)
+        _atomic_write(meta_path, (text + "\n").encode())
         if previous is not None and previous.name != document["tensors_file"]:
             # A reader holding the old metadata retries and finds the new entry.
             with contextlib.suppress(FileNotFoundError):
@@ -224,9 +236,8 @@ class SignatureStore:
 
     def _referenced_tensor_file(self, name: str) -> Path | None:
         try:
-            document = json.loads((self._dir / f"{name}.json").read_text(encoding="utf-8"))
-            return self._tensor_path(name, document)
-        except (OSError, ValueError, AttributeError, CorruptSignatureError):
+            return self._tensor_path(name, self._read_document(name))
+        except (KeyError, CorruptSignatureError):
             return None
 
     def _remove_orphans(self, name: str, min_age_s: float = _ORPHAN_AGE_S) -> None:
@@ -242,13 +253,15 @@ class SignatureStore:
 
     def delete(self, name: str) -> None:
         """Remove one entry (metadata first, so it disappears from listings at once)."""
+        self._check_name(name)
         tensors = self._referenced_tensor_file(name)
         with contextlib.suppress(FileNotFoundError):
             (self._dir / f"{name}.json").unlink()
         if tensors is not None:
             with contextlib.suppress(FileNotFoundError):
                 tensors.unlink()
-        self._remove_orphans(name, min_age_s=0.0)
+        # Older orphans go too; a file a concurrent save has just written is left alone.
+        self._remove_orphans(name)
 
     def add_adapter(self, adapter, **kwargs) -> Signature:
         """Compute and store the signature of a finished PEFT adapter, without training it.

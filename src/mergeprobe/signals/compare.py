@@ -42,9 +42,10 @@ def _cosines(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    """‖num‖ / ‖den‖ over all layers (norms combined as one vector)."""
-    n = float(num.double().nan_to_num(0).square().sum().sqrt())
-    d = float(den.double().nan_to_num(0).square().sum().sqrt())
+    """‖num‖ / ‖den‖ over the layers both have (norms combined as one vector)."""
+    ok = torch.isfinite(num) & torch.isfinite(den)
+    n = float(num[ok].double().square().sum().sqrt())
+    d = float(den[ok].double().square().sum().sqrt())
     return n / d if d > 0 else NAN
 
 
@@ -77,6 +78,8 @@ def _subspace_excess(
         k = sx.shape[0]
         rx, ry = min(rx, k), min(ry, k)
         if rx == 0 or ry == 0 or not (torch.isfinite(sx).all() and torch.isfinite(sy).all()):
+            continue
+        if float(sx.abs().sum()) == 0 or float(sy.abs().sum()) == 0:  # no update: no subspace
             continue
         ux = torch.linalg.svd(sx.double(), full_matrices=False).U[:, :rx]
         uy = torch.linalg.svd(sy.double(), full_matrices=False).U[:, :ry]
@@ -181,8 +184,8 @@ def pairwise_signals(
             drift_cosine=total,
             drift_norm_ratio=_ratio(nb, na),
             interference_ratio=_interference(da, db),
-            cka_self=float(ta["cka"].mean()),
-            cka_other=float(tb["cka"].mean()),
+            cka_self=float(ta["cka"][[a.drift_layers.index(i) for i in shared_drift]].mean()),
+            cka_other=float(tb["cka"][[b.drift_layers.index(i) for i in shared_drift]].mean()),
         )
     else:
         out.update(

@@ -46,6 +46,7 @@ class GradientSketcher:
         self._handles: list = []
         self._step: dict[str, torch.Tensor] = {}
         self._total: dict[str, torch.Tensor] = {}
+        self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
 
     @property
@@ -57,6 +58,17 @@ class GradientSketcher:
             return
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+
+    def _projections(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q) for one layer on one device; cached so hooks never copy host to device."""
+        key = (name, device)
+        if key not in self._on_device:
+            out_dim, in_dim = self.shapes[name]
+            self._on_device[key] = (
+                projection("out", name, out_dim, self.size, device),
+                projection("in", name, in_dim, self.size, device),
+            )
+        return self._on_device[key]
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -78,8 +90,9 @@ class GradientSketcher:
                 return
             try:
                 x = args[0].detach()
-                q = projection("in", name, in_dim, self.size, x.device)
-                xq = x.reshape(-1, in_dim).float() @ q.T
+                p, q = self._projections(name, x.device)
+                # Project in the activations' own dtype: no fp32 copy of a bf16 activation.
+                xq = (x.reshape(-1, in_dim) @ q.T.to(x.dtype)).float()
             except Exception as exc:  # a hook must never break the user's forward pass
                 self._fail(exc)
                 return
@@ -88,8 +101,8 @@ class GradientSketcher:
                 if self.failed:
                     return
                 try:
-                    p = projection("out", name, out_dim, self.size, grad.device)
-                    dp = grad.detach().reshape(-1, out_dim).float() @ p.T
+                    g = grad.detach().reshape(-1, out_dim)
+                    dp = (g @ p.T.to(device=g.device, dtype=g.dtype)).float()
                     contribution = dp.T @ xq
                     if name in self._step:
                         self._step[name] += contribution
@@ -108,15 +121,22 @@ class GradientSketcher:
         ``scale`` divides out a loss scale (fp16 GradScaler). With ``reduce_across_ranks`` the
         step's sketches are averaged over data-parallel ranks (every rank must call this).
         """
-        names = sorted(self.shapes)
         if reduce_across_ranks:
-            device = next(iter(self._step.values())).device if self._step else "cpu"
+            names = sorted(self.shapes)
+            device = next(self.modules[names[0]].parameters()).device
+            # A layer no micro-batch reached stays missing (NaN) on every rank alike; a rank
+            # whose hooks failed sends NaN, so every rank drops the step together.
+            missing = torch.full((self.size, self.size), float("nan"), device=device)
             stacked = torch.stack(
-                [self._step.get(n, torch.zeros(self.size, self.size, device=device)) for n in names]
+                [missing if self.failed else self._step.get(n, missing).to(device) for n in names]
             )
             torch.distributed.all_reduce(stacked)
             stacked /= torch.distributed.get_world_size()
-            self._step = {n: stacked[i] for i, n in enumerate(names)}
+            self._step = {
+                n: stacked[i] for i, n in enumerate(names) if not torch.isnan(stacked[i]).all()
+            }
+            if self.failed or any(torch.isnan(t).any() for t in self._step.values()):
+                self._step = {}
         step, self._step = self._step, {}
         if not step:
             return False
@@ -126,7 +146,8 @@ class GradientSketcher:
         for name, sketch in step.items():
             sketch = (sketch / scale).detach()
             if name in self._total:
-                self._total[name] += sketch
+                # Totals restored from a checkpoint live on the CPU; sketches on the device.
+                self._total[name] = self._total[name].to(sketch.device) + sketch
             else:
                 self._total[name] = sketch.clone()
         self.steps += 1
@@ -138,9 +159,9 @@ class GradientSketcher:
             return {}
         return {name: (t / self.steps).cpu() for name, t in self._total.items()}
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Running totals, for resuming from a checkpoint."""
-        return {name: t.cpu() for name, t in self._total.items()}
+    def totals(self) -> dict[str, torch.Tensor]:
+        """Running sums of the closed steps' sketches, on the CPU (for checkpoints)."""
+        return {name: t.detach().cpu() for name, t in self._total.items()}
 
     def load_state_tensors(self, totals: Mapping[str, torch.Tensor], steps: int) -> None:
         self._total = {name: t.clone() for name, t in totals.items()}

@@ -47,8 +47,3 @@ def _entry_positions_cpu(layer: str, rows: int, cols: int, count: int) -> torch.
 def entry_positions(layer: str, rows: int, cols: int, count: int) -> torch.Tensor:
     """A (2, count) tensor of fixed (row, column) positions of a layer's weight matrix."""
     return _entry_positions_cpu(layer, int(rows), int(cols), int(count))
-
-
-def bilinear_sketch(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``left @ right`` in float32; a helper that names what a sketch of ``L R`` is."""
-    return left.float() @ right.float()
