@@ -650,25 +650,24 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {a['run']} | {a['acc_alone']:.3f} | {a['acc_base']:.3f} | {a['gain']:+.3f} |"
         )
-    lines += [
-        "",
-        "## Ratio retention of directed pairs (different tasks)",
-        "",
-        "| merge | mean | min | median | below 0.9 | n |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method in ("direct", "mean", "ties", "dare"):
-        lines.append(f"| {method} " + _describe([p[f"retention_ratio_{method}"] for p in cross]))
-    lines += [
-        "",
-        "## Gain retention of directed pairs (different tasks; tasks gaining < "
-        f"{MIN_GAIN} over base left out)",
-        "",
-        "| merge | mean | min | median | below 0.9 | n |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method in ("direct", "mean", "ties", "dare"):
-        lines.append(f"| {method} " + _describe([p[f"retention_gain_{method}"] for p in cross]))
+    for kind, title in (
+        ("ratio", "Ratio retention of directed pairs (different tasks)"),
+        (
+            "gain",
+            f"Gain retention of directed pairs (different tasks; tasks gaining < {MIN_GAIN} over base left out)",
+        ),
+    ):
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| merge | mean | min | median | below 0.9 | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in ("direct", "mean", "ties", "dare"):
+            lines.append(
+                f"| {method} " + _describe([p[f"retention_{kind}_{method}"] for p in cross])
+            )
     lines += [
         "",
         "## Controls",

@@ -90,6 +90,19 @@ def _args(tmp_path, name, max_steps=20, **kw):
     )
 
 
+def _train(tmp_path, name, callback, model=None, rows=None, max_steps=20, **kwargs):
+    """Train a tiny BERT (or ``model``) with ``callback``; returns the Trainer."""
+    trainer = Trainer(
+        model=model if model is not None else _tiny_bert(),
+        args=_args(tmp_path, name, max_steps=max_steps),
+        train_dataset=rows if rows is not None else _classification_rows(),
+        callbacks=[callback],
+        **kwargs,
+    )
+    trainer.train()
+    return trainer
+
+
 def _tiny_bert(seed=0, num_labels=2, vocab=100):
     torch.manual_seed(seed)
     config = BertConfig(
@@ -222,14 +235,8 @@ def test_failing_probe_warns_and_training_goes_on(tmp_path, monkeypatch, caplog)
     callback = MergeProbeCallback(
         tmp_path / "store", run_name="broken", horizon=0.2, anchor_inputs=_anchors()
     )
-    trainer = Trainer(
-        model=_tiny_bert(),
-        args=_args(tmp_path, "broken"),
-        train_dataset=_classification_rows(),
-        callbacks=[callback],
-    )
     with caplog.at_level(logging.WARNING, logger="mergeprobe"):
-        trainer.train()
+        trainer = _train(tmp_path, "broken", callback)
     assert trainer.state.global_step == 20
     # The failing family is recorded as missing; the other families are still measured.
     probes = SignatureStore(tmp_path / "store").load("broken").probes
@@ -249,13 +256,7 @@ def test_failing_gradient_hook_does_not_break_backward(tmp_path, monkeypatch):
     callback = MergeProbeCallback(
         tmp_path / "store", run_name="hook", horizon=0.2, anchor_inputs=_anchors()
     )
-    trainer = Trainer(
-        model=_tiny_bert(),
-        args=_args(tmp_path, "hook"),
-        train_dataset=_classification_rows(),
-        callbacks=[callback],
-    )
-    trainer.train()
+    trainer = _train(tmp_path, "hook", callback)
     assert trainer.state.global_step == 20
     assert any("hook exploded" in f for f in callback.failures)
     # The other families are still recorded.
@@ -268,14 +269,8 @@ def test_strict_raises(tmp_path, monkeypatch):
     callback = MergeProbeCallback(
         tmp_path / "store", horizon=0.2, anchor_inputs=_anchors(), strict=True
     )
-    trainer = Trainer(
-        model=_tiny_bert(),
-        args=_args(tmp_path, "strict"),
-        train_dataset=_classification_rows(),
-        callbacks=[callback],
-    )
     with pytest.raises(ZeroDivisionError):
-        trainer.train()
+        _train(tmp_path, "strict", callback)
 
 
 def test_model_without_lora_turns_callback_off(tmp_path, caplog):
@@ -290,14 +285,8 @@ def test_model_without_lora_turns_callback_off(tmp_path, caplog):
         )
     )
     callback = MergeProbeCallback(tmp_path / "store", horizon=0.2, anchor_inputs=_anchors())
-    trainer = Trainer(
-        model=model,
-        args=_args(tmp_path, "plain", max_steps=5),
-        train_dataset=_classification_rows(),
-        callbacks=[callback],
-    )
     with caplog.at_level(logging.WARNING, logger="mergeprobe"):
-        trainer.train()
+        trainer = _train(tmp_path, "plain", callback, model=model, max_steps=5)
     assert trainer.state.global_step == 5
     assert any("no LoRA linear layers" in r.getMessage() for r in caplog.records)
     assert SignatureStore(tmp_path / "store").names() == []

@@ -1,0 +1,125 @@
+"""Pairwise signals against values worked out by hand on constructed signatures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergeprobe import Probe, Signature, pairwise_signals
+
+K = 8  # sketch size of these hand-built signatures
+
+
+def _signature(name, tensors, layers=("l0",), ranks=(2,), drift_layers=(1,)):
+    metadata = {
+        "base_model": {
+            "architecture_fingerprint": "arch",
+            "weights_fingerprint": "w",
+            "name_or_path": "tiny",
+        },
+        "anchor": {"hash": "anchors", "source": "default", "n": 4},
+        "sketch": {"update": K, "entries": 8, "drift": 3},
+        "layers": list(layers),
+        "drift_layers": list(drift_layers),
+        "adapter": {"ranks": list(ranks)},
+    }
+    return Signature(name, metadata, [Probe(step=5, fraction=0.05, kind="probe", tensors=tensors)])
+
+
+def _update(sketch, norm, entries=None):
+    return {
+        "update_sketch": sketch.unsqueeze(0),
+        "update_norm": torch.tensor([norm]),
+        "update_entries": (entries if entries is not None else torch.ones(8)).unsqueeze(0),
+    }
+
+
+def _low_rank_on(columns):
+    """A K × K sketch whose column space is spanned by the given standard basis vectors."""
+    s = torch.zeros(K, K)
+    for i, c in enumerate(columns):
+        s[c, i] = 1.0 + i  # distinct singular values: a well-defined top-r basis
+    return s
+
+
+def test_subspace_excess_is_overlap_minus_chance():
+    # Rank 2 in R^8: chance overlap of two random 2-d subspaces is 2/8.
+    same = pairwise_signals(
+        _signature("a", _update(_low_rank_on([0, 1]), 1.0)),
+        _signature("b", _update(_low_rank_on([0, 1]), 1.0)),
+    )
+    assert same["update_subspace_excess"] == pytest.approx(1.0 - 2 / 8)
+    apart = pairwise_signals(
+        _signature("a", _update(_low_rank_on([0, 1]), 1.0)),
+        _signature("b", _update(_low_rank_on([2, 3]), 1.0)),
+    )
+    assert apart["update_subspace_excess"] == pytest.approx(0.0 - 2 / 8)
+    half = pairwise_signals(
+        _signature("a", _update(_low_rank_on([0, 1]), 1.0)),
+        _signature("b", _update(_low_rank_on([1, 2]), 1.0)),
+    )
+    assert half["update_subspace_excess"] == pytest.approx(0.5 - 2 / 8)
+    # A zero update has no subspace: missing, not a number.
+    empty = pairwise_signals(
+        _signature("a", _update(_low_rank_on([0, 1]), 1.0)),
+        _signature("b", _update(torch.zeros(K, K), 0.0)),
+    )
+    assert math.isnan(empty["update_subspace_excess"])
+
+
+def test_sign_agreement_counts_only_the_largest_entries_of_both():
+    # 8 entries, top 20 % = 2 per update. a's largest are positions 0, 1; b's are 0 and 2.
+    a_entries = torch.tensor([9.0, -8.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    b_entries = torch.tensor([-7.0, 0.2, 6.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+    a = _signature("a", _update(_low_rank_on([0]), 1.0, a_entries), ranks=(1,))
+    b = _signature("b", _update(_low_rank_on([0]), 1.0, b_entries), ranks=(1,))
+    # Only position 0 is large in both, and there the signs differ.
+    assert pairwise_signals(a, b)["update_sign_agreement"] == 0.0
+    b_agree = _signature("b", _update(_low_rank_on([0]), 1.0, -b_entries), ranks=(1,))
+    assert pairwise_signals(a, b_agree)["update_sign_agreement"] == 1.0
+
+
+def test_norm_ratios_are_partner_over_own_on_shared_layers():
+    sketch = _low_rank_on([0])
+    a = _signature(
+        "a",
+        {
+            "update_sketch": torch.stack([sketch, sketch]),
+            "update_norm": torch.tensor([3.0, 4.0]),  # ‖(3, 4)‖ = 5
+            "update_entries": torch.ones(2, 8),
+        },
+        layers=("l0", "l1"),
+        ranks=(1, 1),
+    )
+    b = _signature("b", _update(sketch, 12.0), layers=("l1",), ranks=(1,))
+    forward, backward = pairwise_signals(a, b), pairwise_signals(b, a)
+    assert forward["shared_layers"] == 1 and forward["layer_coverage"] == 0.5
+    assert forward["update_norm_ratio"] == pytest.approx(12.0 / 4.0)  # only l1 is shared
+    assert backward["update_norm_ratio"] == pytest.approx(4.0 / 12.0)
+
+
+def test_interference_ratio_projects_the_partner_on_own_drift_region():
+    # a drifts along one hidden direction (e0) only, so its region is e0.
+    d_a = torch.zeros(4, 3)
+    d_a[:, 0] = torch.tensor([1.0, 2.0, 0.0, 2.0])  # ‖d_a‖ = 3
+    # b drifts along e0 (norm 1.5) and along e1 (norm 4), which a's region does not see.
+    d_b = torch.zeros(4, 3)
+    d_b[:, 0] = torch.tensor([0.0, 1.5, 0.0, 0.0])
+    d_b[:, 1] = torch.tensor([4.0, 0.0, 0.0, 0.0])
+
+    def drift(d):
+        return {
+            "drift_sketch": d.unsqueeze(0),
+            "drift_norm": d.norm().reshape(1),
+            "cka": torch.tensor([0.9]),
+        }
+
+    a = _signature("a", {**_update(_low_rank_on([0]), 1.0), **drift(d_a)}, ranks=(1,))
+    b = _signature("b", {**_update(_low_rank_on([0]), 1.0), **drift(d_b)}, ranks=(1,))
+    signals = pairwise_signals(a, b)
+    assert signals["interference_ratio"] == pytest.approx(1.5 / 3.0)
+    assert signals["drift_norm_ratio"] == pytest.approx(math.hypot(1.5, 4.0) / 3.0)
+    # cosine of the flattened drifts: only the e0 column overlaps, <d_a, d_b> = 2 * 1.5
+    assert signals["drift_cosine"] == pytest.approx(3.0 / (3.0 * math.hypot(1.5, 4.0)))
