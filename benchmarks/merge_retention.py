@@ -60,8 +60,8 @@ class BenchConfig:
     steps: int = 300
     batch_size: int = 16
     learning_rate: float = 5e-4
-    rank: int = 8
-    alpha: int = 16
+    rank: int = 16
+    alpha: int = 32
     targets: tuple[str, ...] = ("query", "key", "value", "dense")
     max_length: int = 128
     n_test: int = 300
@@ -76,6 +76,13 @@ class BenchConfig:
     def train_key(self, task: str, seed: int) -> str:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _EVAL_ONLY}
         fields.update(task=task, seed=seed, model=Path(self.model).name)
+        fields.pop("tasks"), fields.pop("seeds"), fields.pop("data")
+        return _hash(fields)
+
+    def store_key(self) -> str:
+        """Key of the training settings shared by every adapter (one signature store each)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _EVAL_ONLY}
+        fields.update(model=Path(self.model).name)
         fields.pop("tasks"), fields.pop("seeds"), fields.pop("data")
         return _hash(fields)
 
@@ -401,7 +408,8 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
     started = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    store = SignatureStore(cache / "store")
+    # one store per training configuration: runs of other settings reuse the same run names
+    store = SignatureStore(cache / "stores" / config.store_key())
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
 
@@ -410,7 +418,7 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
     jobs = [(t, s) for t in config.tasks for s in config.seeds]
     for k, (task, seed) in enumerate(jobs, 1):
         path = adapter_dir(cache, config, task, seed)
-        if (path / "done.json").is_file():
+        if (path / "done.json").is_file() and f"{task}-s{seed}" in store:
             records.append(json.loads((path / "done.json").read_text()))
             continue
         log(f"[{k}/{len(jobs)}] training {task} seed {seed} ({config.steps} steps) ...")
@@ -714,6 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", help="task folders (default: all in --data)")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--rank", type=int, default=16, help="LoRA rank (the r=8 baseline is in results/r8)"
+    )
+    parser.add_argument("--alpha", type=int, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--n-test", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--triples", type=int, default=60)
@@ -753,6 +766,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks=tasks,
         seeds=seeds,
         steps=args.steps,
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+        learning_rate=args.learning_rate,
         n_test=args.n_test,
         max_length=args.max_length,
         triples=args.triples,

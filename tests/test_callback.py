@@ -180,7 +180,7 @@ def test_tiny_llama_run_writes_signature_log_and_trainer_logs(tmp_path):
     assert signature.metadata["base_model"]["model_type"] == "llama"
 
     records = read_log(tmp_path / "llama" / "mergeprobe.jsonl")
-    assert [r["event"] for r in records] == ["probe", "probe", "probe", "final"]
+    assert [r["event"] for r in records] == ["probe", "probe", "probe", "decision", "final"]
     assert all(r["schema"] == "mergeprobe.decision/1" and r["run"] == "llama-a" for r in records)
     assert records[2]["step"] == 5 and records[2]["fraction"] == pytest.approx(0.25)
     logged = [h for h in trainer.state.log_history if "mergeprobe/update_norm" in h]

@@ -98,6 +98,8 @@ def test_norm_ratios_are_partner_over_own_on_shared_layers():
     assert forward["shared_layers"] == 1 and forward["layer_coverage"] == 0.5
     assert forward["update_norm_ratio"] == pytest.approx(12.0 / 4.0)  # only l1 is shared
     assert backward["update_norm_ratio"] == pytest.approx(4.0 / 12.0)
+    assert forward["update_norm_self"] == pytest.approx(4.0)
+    assert forward["update_norm_other"] == pytest.approx(12.0)
 
 
 def test_interference_ratio_projects_the_partner_on_own_drift_region():
@@ -120,6 +122,10 @@ def test_interference_ratio_projects_the_partner_on_own_drift_region():
     b = _signature("b", {**_update(_low_rank_on([0]), 1.0), **drift(d_b)}, ranks=(1,))
     signals = pairwise_signals(a, b)
     assert signals["interference_ratio"] == pytest.approx(1.5 / 3.0)
+    # one drift layer: the last-layer ratio is the same number
+    assert signals["interference_ratio_last"] == pytest.approx(1.5 / 3.0)
+    assert signals["drift_norm_self"] == pytest.approx(3.0)
+    assert signals["drift_norm_other"] == pytest.approx(math.hypot(1.5, 4.0))
     assert signals["drift_norm_ratio"] == pytest.approx(math.hypot(1.5, 4.0) / 3.0)
     # cosine of the flattened drifts: only the e0 column overlaps, <d_a, d_b> = 2 * 1.5
     assert signals["drift_cosine"] == pytest.approx(3.0 / (3.0 * math.hypot(1.5, 4.0)))

@@ -2,12 +2,21 @@
 
 from ._version import __version__
 from .callback import MergeProbeCallback
-from .decision_log import read_log
+from .decision_log import decision_log_schema, read_log
 from .exceptions import (
     CorruptSignatureError,
     IncompatibleSignatureError,
     InvalidParameterError,
     MergeprobeError,
+)
+from .policy import Decision, PairPrediction, Policy, predict_pairs
+from .predictor import (
+    RetentionPredictor,
+    UnsafePredictorError,
+    fit,
+    load_predictors,
+    save_predictors,
+    set_retention,
 )
 from .probe import signature_of_adapter
 from .signals.compare import pairwise_signals
@@ -16,17 +25,28 @@ from .store import SignatureStore, sanitize_name
 
 __all__ = [
     "CorruptSignatureError",
+    "Decision",
     "IncompatibleSignatureError",
     "InvalidParameterError",
     "MergeProbeCallback",
     "MergeprobeError",
+    "PairPrediction",
+    "Policy",
     "Probe",
+    "RetentionPredictor",
     "Signature",
     "SignatureStore",
+    "UnsafePredictorError",
     "__version__",
     "check_compatible",
+    "decision_log_schema",
+    "fit",
+    "load_predictors",
     "pairwise_signals",
+    "predict_pairs",
     "read_log",
     "sanitize_name",
+    "save_predictors",
+    "set_retention",
     "signature_of_adapter",
 ]

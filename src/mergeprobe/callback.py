@@ -25,6 +25,8 @@ from transformers.trainer_callback import ExportableState
 from ._util import utc_now
 from .decision_log import DecisionLog
 from .exceptions import InvalidParameterError, MergeprobeError
+from .policy import Policy, predict_pairs
+from .predictor import load_predictors
 from .probe import SignalRecorder, positive_int, resolve_anchor_inputs
 from .signature import Signature
 from .store import SignatureStore, sanitize_name
@@ -162,6 +164,17 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             Raise on a failing probe instead of warning and going on.
         sketch_size, entry_count, drift_sketch_size, max_drift_layers, anchor_max_length,
         adapter_name: see [`SignalRecorder`].
+        compare_with (`Sequence[str]`, *optional*):
+            Store entries to compare with at the horizon. Defaults to every other entry;
+            incompatible ones (other base model or anchor set) are skipped with a reason.
+        predictor (`str` or `os.PathLike`, *optional*):
+            A predictor file written by `save_predictors` / `mergeprobe.fit`. Defaults to
+            the one shipped with mergeprobe (fitted on its benchmark).
+        policy ([`Policy`], *optional*):
+            Thresholds of the decision. Defaults to `Policy()`.
+        on_incompatible (`str`, *optional*, defaults to `"continue"`):
+            `"stop"` ends training at the horizon when the decision is `route` (incompatible
+            with every adapter compared); every rank stops together.
 
     Example:
         ```python
@@ -191,8 +204,23 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         entry_count: int = 256,
         drift_sketch_size: int = 64,
         max_drift_layers: int = 12,
+        compare_with: Sequence[str] | None = None,
+        predictor: str | os.PathLike | None = None,
+        policy: Policy | None = None,
+        on_incompatible: str = "continue",
     ) -> None:
         owner = type(self).__name__
+        if on_incompatible not in ("continue", "stop"):
+            raise InvalidParameterError(
+                f"The 'on_incompatible' parameter of {owner} must be 'continue' or 'stop'. "
+                f"Got {on_incompatible!r} instead."
+            )
+        if policy is not None and not isinstance(policy, Policy):
+            raise InvalidParameterError(
+                f"The 'policy' parameter of {owner} must be a mergeprobe.Policy. Got {policy!r} instead."
+            )
+        if isinstance(compare_with, str):
+            compare_with = [compare_with]
         if (
             isinstance(horizon, bool)
             or not isinstance(horizon, int | float)
@@ -233,6 +261,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.entry_count = entry_count
         self.drift_sketch_size = drift_sketch_size
         self.max_drift_layers = max_drift_layers
+        self.compare_with = list(compare_with) if compare_with is not None else None
+        self.predictor = predictor
+        self.policy = policy
+        self.on_incompatible = on_incompatible
+        self.decision: dict[str, Any] | None = None
         # Validate the sizes now, not at the first step.
         for name in (
             "sketch_size",
@@ -595,6 +628,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             p.step == state.global_step for p in self.signature.probes
         ):
             self._probe(state, "probe", control)
+            if state.global_step == max(self.probe_steps):
+                self._decide(state, control)
 
     @_guarded
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -646,9 +681,101 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 overhead_seconds=round(self.overhead_seconds, 3),
             )
         scalars = {f"mergeprobe/{k}": v for k, v in summary.items() if isinstance(v, float)}
+        self._emit(scalars, control)
+
+    def _decision_record(self) -> dict[str, Any]:
+        """Compare this run with the store and decide (world process zero only)."""
+        predictors, meta = load_predictors(self.predictor)
+        policy = self.policy or Policy()
+        names = self.compare_with
+        if names is None:
+            names = [n for n in self._store.names() if n != self.signature.name]
+        partners, skipped = [], []
+        for name in names:
+            try:
+                partners.append(self._store.load(name))
+            except Exception as exc:  # a corrupt or vanished entry must not stop the decision
+                skipped.append({"with": name, "skipped": repr(exc)})
+        pairs, notes = predict_pairs(self.signature, partners, predictors)
+        decision = policy.decide(self.signature.name, pairs)
+        method = decision.method or policy.methods[0]
+        by_name = {n["with"]: n for n in notes}
+        pair_records = [{**p.as_record(method), **by_name.get(p.other, {})} for p in pairs]
+        reasons = list(decision.reasons)
+        for note in [*skipped, *(n for n in notes if "skipped" in n)]:
+            reasons.append(f"not compared with {note['with']}: {note['skipped']}")
+        return {
+            "decision": decision.decision,
+            "reasons": reasons,
+            "pairs": pair_records,
+            "set": decision.set_record(),
+            "weights": decision.weights,
+            "tau": policy.tau,
+            "predictor": {
+                "name": str(self.predictor or "default"),
+                "version": meta.get("mergeprobe_version"),
+                "trained_on": meta.get("trained_on"),
+            },
+        }
+
+    def _decide(self, state, control) -> None:
+        """At the horizon: write a decision; with on_incompatible="stop", stop on "route"."""
+        stop = False
+        if self._write:
+            try:
+                record = self._decision_record()
+            except Exception as exc:
+                if self.strict:
+                    raise
+                logger.warning("mergeprobe: no decision at step %d (%r)", state.global_step, exc)
+                record = {
+                    "decision": "route",
+                    "reasons": [f"no prediction could be made ({exc!r}); serve it separately"],
+                    "pairs": [],
+                    "set": {"members": [self.signature.name]},
+                    "predictor": {"name": str(self.predictor or "default"), "version": None},
+                    "failed": True,
+                }
+            self.decision = record
+            self._log.write(
+                "decision",
+                run=self.signature.name,
+                step=state.global_step,
+                max_steps=state.max_steps,
+                **record,
+            )
+            retentions = [p["retention_self"] for p in record["pairs"]]
+            scalars = {
+                "mergeprobe/compared": float(len(retentions)),
+                "mergeprobe/decision_route": float(record["decision"] == "route"),
+            }
+            if retentions:
+                scalars["mergeprobe/retention_min"] = float(min(retentions))
+            self._emit(scalars, control)
+            stop = (
+                self.on_incompatible == "stop"
+                and record["decision"] == "route"
+                and bool(record["pairs"])
+            )
+        # Every rank must take the same decision to stop, or the others hang in a collective.
+        if not _all_ranks_ok(not stop):
+            control.should_training_stop = True
+            if self._write:
+                self._log.write(
+                    "stopped",
+                    run=self.signature.name,
+                    step=state.global_step,
+                    max_steps=state.max_steps,
+                    reasons=[
+                        "predicted incompatible with every adapter compared (route); "
+                        "on_incompatible='stop'"
+                    ],
+                )
+
+    def _emit(self, scalars: dict[str, float], control) -> None:
+        # Trainer.log ends in on_log, which clears control.should_log: without restoring it, a
+        # probe on a logging step would swallow the Trainer's own loss record for that step.
         if self._trainer is not None:
-            # Trainer.log ends in on_log, which clears control.should_log: without this, a probe
-            # on a logging step would swallow the Trainer's own loss record for that step.
             should_log = control.should_log if control is not None else None
             self._trainer.log(scalars)
             if control is not None:

@@ -11,6 +11,12 @@ from ._util import clean_json, utc_now
 
 DECISION_SCHEMA = "mergeprobe.decision/1"
 EVENTS = ("probe", "decision", "stopped", "final")
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "decision_log.schema.json"
+
+
+def decision_log_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) every decision-log record satisfies."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 class DecisionLog:

@@ -144,6 +144,8 @@ def pairwise_signals(
             if per_layer.numel()
             else NAN,
             update_norm_ratio=_ratio(tb["update_norm"][ib], ta["update_norm"][ia]),
+            update_norm_self=float(ta["update_norm"][ia].double().square().sum().sqrt()),
+            update_norm_other=float(tb["update_norm"][ib].double().square().sum().sqrt()),
             update_sign_agreement=_sign_agreement(
                 ta["update_entries"][ia], tb["update_entries"][ib]
             ),
@@ -157,6 +159,8 @@ def pairwise_signals(
             update_cosine_min=NAN,
             update_conflict_fraction=NAN,
             update_norm_ratio=NAN,
+            update_norm_self=NAN,
+            update_norm_other=NAN,
             update_sign_agreement=NAN,
             update_subspace_excess=NAN,
         )
@@ -184,6 +188,11 @@ def pairwise_signals(
             drift_cosine=total,
             drift_norm_ratio=_ratio(nb, na),
             interference_ratio=_interference(da, db),
+            # The last hidden layer is what a task head reads; its interference alone was the
+            # strongest single early signal on the benchmark.
+            interference_ratio_last=_interference(da[-1:], db[-1:]),
+            drift_norm_self=float(na.double().square().sum().sqrt()),
+            drift_norm_other=float(nb.double().square().sum().sqrt()),
             cka_self=float(ta["cka"][[a.drift_layers.index(i) for i in shared_drift]].mean()),
             cka_other=float(tb["cka"][[b.drift_layers.index(i) for i in shared_drift]].mean()),
         )
@@ -192,6 +201,9 @@ def pairwise_signals(
             drift_cosine=NAN,
             drift_norm_ratio=NAN,
             interference_ratio=NAN,
+            interference_ratio_last=NAN,
+            drift_norm_self=NAN,
+            drift_norm_other=NAN,
             cka_self=NAN,
             cka_other=NAN,
         )

@@ -1,0 +1,278 @@
+"""Evaluate the retention predictor on the benchmark's pair table (design §7).
+
+    python benchmarks/predictor_eval.py [--pairs benchmarks/results/pairs.csv]
+
+Leave-one-task-out: for each task t, the predictor is fitted on the pairs that involve
+neither t, and predicts every pair whose *own* adapter (the new run) is of task t. Pooled
+out-of-fold predictions give Spearman, Pearson, MAE and AUROC for "retention < 0.9", each with
+a 95 % bootstrap interval (pairs resampled). Compared with: shuffled labels, random features,
+the final update cosine alone (model kinship) and the best single early feature; at every
+probe fraction (1, 2, 5, 10 % and final). Set retention from pairwise predictions is checked
+against the measured triples. Writes predictor_eval.md (and .json) next to the pair table,
+and with --ship writes the default predictors into the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mergeprobe.predictor import (  # noqa: E402
+    DEFAULT_FEATURES,
+    METHODS,
+    RetentionPredictor,
+    save_predictors,
+    set_retention,
+)
+
+PREFIXES = ("p01", "p02", "p05", "p10", "final")
+THRESHOLD = 0.9
+N_BOOT = 1000
+
+
+def metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    ok = np.isfinite(pred) & np.isfinite(y)
+    pred, y = pred[ok], y[ok]
+    low = y < THRESHOLD
+    return {
+        "spearman": float(spearmanr(pred, y)[0]) if np.ptp(pred) > 0 else math.nan,
+        "pearson": float(pearsonr(pred, y)[0]) if np.ptp(pred) > 0 else math.nan,
+        "mae": float(np.mean(np.abs(pred - y))),
+        "auroc": float(roc_auc_score(low, -pred)) if 0 < low.sum() < len(low) else math.nan,
+    }
+
+
+def bootstrap(pred: np.ndarray, y: np.ndarray, seed: int = 0) -> dict[str, list[float]]:
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in ("spearman", "pearson", "mae", "auroc")}
+    n = len(y)
+    for _ in range(N_BOOT):
+        idx = rng.integers(0, n, n)
+        for k, v in metrics(pred[idx], y[idx]).items():
+            draws[k].append(v)
+    return {
+        k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+        for k, v in draws.items()
+    }
+
+
+def loto(frame: pd.DataFrame, columns: list[str], y: np.ndarray, model: str, *, shuffle_seed=None):
+    """Out-of-fold predictions, one fold per task of the pair's own adapter."""
+    pred = np.full(len(frame), np.nan)
+    rng = np.random.default_rng(shuffle_seed)
+    for task in sorted(frame.self_task.unique()):
+        test = (frame.self_task == task).to_numpy()
+        train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
+        target = y[train].copy()
+        if shuffle_seed is not None:
+            rng.shuffle(target)
+        predictor = RetentionPredictor(features=tuple(columns), model=model)
+        predictor.fit(frame.loc[train, columns], target, groups=frame.self_task[train])
+        pred[test] = predictor.predict(frame.loc[test, columns])
+    return pred
+
+
+def fmt(m: dict, ci: dict | None = None) -> str:
+    cells = []
+    for k in ("spearman", "pearson", "mae", "auroc"):
+        text = f"{m[k]:.3f}"
+        if ci is not None:
+            text += f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]"
+        cells.append(text)
+    return " | ".join(cells)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", default=str(ROOT / "benchmarks" / "results" / "pairs.csv"))
+    parser.add_argument("--triples", help="default: triples.csv beside --pairs")
+    parser.add_argument(
+        "--ship", action="store_true", help="write the default predictors into the package"
+    )
+    args = parser.parse_args(argv)
+    pairs_path = Path(args.pairs)
+    if not pairs_path.is_file():
+        parser.error(f"{pairs_path} not found: run benchmarks/merge_retention.py first")
+    started = time.perf_counter()
+    table = pd.read_csv(pairs_path)
+    frame = table[~table.same_task].reset_index(drop=True)
+    y = frame["retention_ratio_direct"].to_numpy(dtype=float)
+    out: dict = {"pairs": str(pairs_path), "n_pairs": len(frame), "threshold": THRESHOLD}
+    lines = [
+        "# Retention predictor: leave-one-task-out evaluation",
+        "",
+        f"Pair table `{pairs_path.relative_to(ROOT) if pairs_path.is_relative_to(ROOT) else pairs_path}`: "
+        f"{len(frame)} cross-task directed pairs, {frame.self_task.nunique()} tasks; target "
+        f"ratio retention under the direct merge ({(y < THRESHOLD).mean():.0%} below {THRESHOLD}). "
+        "One fold per task of the pair's own adapter; training pairs involve neither task. "
+        f"95 % intervals: {N_BOOT} bootstrap resamples of the pooled out-of-fold pairs.",
+        "",
+        "| predictor | signals | Spearman | Pearson | MAE | AUROC (R < 0.9) |",
+        "|---|---|---|---|---|---|",
+    ]
+    features = list(DEFAULT_FEATURES)
+
+    def cols(prefix: str, names=features) -> list[str]:
+        return [f"{prefix}_{f}" for f in names if f"{prefix}_{f}" in frame.columns]
+
+    results = {}
+    for model in ("ridge", "boosting"):
+        for prefix in PREFIXES:
+            c = cols(prefix)
+            if not c:
+                continue
+            pred = loto(frame, c, y, model)
+            m, ci = metrics(pred, y), bootstrap(pred, y)
+            results[(model, prefix)] = (m, ci, pred)
+            lines.append(f"| {model} | {prefix} | {fmt(m, ci)} |")
+    best_model = max(("ridge", "boosting"), key=lambda k: results[(k, "p05")][0]["spearman"])
+    m5, _, pred5 = results[(best_model, "p05")]
+    # nulls at 5 %
+    shuffled = [
+        metrics(loto(frame, cols("p05"), y, best_model, shuffle_seed=s), y) for s in range(5)
+    ]
+    null_shuffled = {k: float(np.nanmean([d[k] for d in shuffled])) for k in shuffled[0]}
+    rng = np.random.default_rng(0)
+    noise = frame.copy()
+    random_cols = [f"noise_{k}" for k in range(len(cols("p05")))]
+    for c in random_cols:
+        noise[c] = rng.normal(size=len(noise))
+    null_random = metrics(loto(noise, random_cols, y, "ridge"), y)
+    lines.append(f"| null: shuffled labels (mean of 5) | p05 | {fmt(null_shuffled)} |")
+    lines.append(f"| null: random features | — | {fmt(null_random)} |")
+    # one-feature baselines
+    kin = frame["final_update_cosine"].to_numpy(dtype=float)
+    kin_loto = loto(frame, ["final_update_cosine"], y, "ridge")
+    lines.append(f"| kinship: final update cosine (raw) | final | {fmt(metrics(kin, y))} |")
+    lines.append(
+        f"| kinship: final update cosine (LOTO ridge) | final | {fmt(metrics(kin_loto, y))} |"
+    )
+    singles = {}
+    signal_names = sorted(
+        {c[4:] for c in frame.columns if c.startswith("p05_")}
+        - {"shared_layers", "layer_coverage", "fraction_self", "fraction_other"}
+    )
+    for name in signal_names:
+        column = f"p05_{name}"
+        if frame[column].notna().sum() < 10:
+            continue
+        singles[name] = metrics(loto(frame, [column], y, "ridge"), y)
+    best_single = max(
+        singles,
+        key=lambda k: singles[k]["spearman"] if math.isfinite(singles[k]["spearman"]) else -9,
+    )
+    lines.append(
+        f"| best single early feature (LOTO ridge): {best_single} | p05 | {fmt(singles[best_single])} |"
+    )
+    lines.append("")
+    lines.append(f"Chosen model: **{best_model}** (higher leave-one-task-out Spearman at 5 %).")
+    lines.append("")
+    lines.append("Single early features (5 %, leave-one-task-out ridge on one feature):")
+    lines.append("")
+    lines.append("| feature | Spearman | Pearson | MAE | AUROC |")
+    lines.append("|---|---|---|---|---|")
+    for name in sorted(singles, key=lambda k: -np.nan_to_num(singles[k]["spearman"], nan=-9)):
+        lines.append(f"| {name} | {fmt(singles[name])} |")
+    lines.append("")
+
+    # set retention from pairwise values, against the measured triples
+    triples_path = Path(args.triples) if args.triples else pairs_path.with_name("triples.csv")
+    if triples_path.is_file():
+        triples = pd.read_csv(triples_path)
+        measured = {(r.self, r.other): r.retention_ratio_direct for r in table.itertuples()}
+        predicted = dict(zip(zip(frame.self, frame.other, strict=True), pred5, strict=True))
+        rows = []
+        for t in triples.itertuples():
+            members = t.members.split("+")
+            for k, m in enumerate(members):
+                others = [o for o in members if o != m]
+                truth = getattr(t, f"retention_ratio_{k}")
+                pm = [measured.get((m, o), math.nan) for o in others]
+                pp = [predicted.get((m, o), math.nan) for o in others]
+                rows.append(
+                    (truth, set_retention(pm), float(np.prod(pm)), min(pm), set_retention(pp))
+                )
+        arr = np.array(rows, dtype=float)
+        ok = np.isfinite(arr).all(axis=1)
+        arr = arr[ok]
+        lines.append(
+            f"Set retention on {int(ok.sum())} members of {len(triples)} measured triples:"
+        )
+        lines.append("")
+        lines.append("| composition | from | Spearman | Pearson | MAE | AUROC |")
+        lines.append("|---|---|---|---|---|---|")
+        for k, label, source in (
+            (1, "additive damage (used)", "measured pairs"),
+            (2, "product", "measured pairs"),
+            (3, "min", "measured pairs"),
+            (4, "additive damage (used)", "predicted pairs, 5 %"),
+        ):
+            lines.append(f"| {label} | {source} | {fmt(metrics(arr[:, k], arr[:, 0]))} |")
+        lines.append("")
+
+    out["results"] = {f"{m}/{p}": v[0] for (m, p), v in results.items()}
+    out["intervals"] = {f"{m}/{p}": v[1] for (m, p), v in results.items()}
+    out["null_shuffled"], out["null_random"] = null_shuffled, null_random
+    out["best_single"] = {"feature": best_single, **singles[best_single]}
+    out["kinship"] = metrics(kin, y)
+    out["chosen_model"] = best_model
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    lines.append(
+        f"Command: `python benchmarks/predictor_eval.py --pairs {args.pairs}`; {out['seconds']} s."
+    )
+    text = "\n".join(lines) + "\n"
+    pairs_path.with_name("predictor_eval.md").write_text(text)
+    pairs_path.with_name("predictor_eval.json").write_text(
+        json.dumps(out, indent=2, default=float) + "\n"
+    )
+    print(text)
+
+    if args.ship:
+        predictors = {}
+        trained_on = {}
+        for method in METHODS:
+            target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
+            keep = ~table.same_task.to_numpy() & np.isfinite(target)
+            data = table[keep]
+            present = [c[len("p05_") :] for c in cols("p05")]
+            predictor = RetentionPredictor(features=tuple(present), model=best_model)
+            predictor.fit(
+                data[cols("p05")].set_axis(present, axis=1), target[keep], groups=data.self_task
+            )
+            predictors[method] = predictor
+            trained_on[method] = int(keep.sum())
+        path = ROOT / "src" / "mergeprobe" / "data" / "default_predictors.skops"
+        save_predictors(
+            predictors,
+            path,
+            {
+                "trained_on": trained_on,
+                "source": str(pairs_path.relative_to(ROOT))
+                if pairs_path.is_relative_to(ROOT)
+                else str(pairs_path),
+                "signals": "p05 (5 % of training) for both adapters",
+                "features": [c[len("p05_") :] for c in cols("p05")],
+                "tasks": sorted(table.self_task.unique()),
+                "loto_p05": m5,
+            },
+        )
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Retention predictor: pairwise signals → predicted ``R_{i|j}`` with an interval (design §4).
+
+A ``RetentionPredictor`` follows scikit-learn's conventions: explicit parameters validated in
+``fit``, ``fit``/``predict``, fitted state in attributes ending in ``_``. It takes rows of
+pairwise signals (``pairwise_signals`` dicts, a pandas DataFrame or an array whose columns are
+``features``); missing signals stay NaN and the model imputes them from training medians with
+a missing-value indicator, never as zeros.
+
+Predictors are saved with skops, never pickle: ``load_predictors`` refuses a pickle file and
+any type outside a fixed allow-list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from ._version import __version__
+from .exceptions import InvalidParameterError, MergeprobeError
+
+__all__ = [
+    "DEFAULT_FEATURES",
+    "METHODS",
+    "RetentionPredictor",
+    "UnsafePredictorError",
+    "fit",
+    "load_predictors",
+    "save_predictors",
+    "set_retention",
+]
+
+METHODS = ("direct", "mean", "ties", "dare")
+# Chosen by leave-one-task-out measurement on the benchmark (benchmarks/predictor_eval.py):
+# magnitude ratios and the partner's drift inside the own drift region generalise to unseen
+# tasks; direction cosines alone do not (design §3).
+DEFAULT_FEATURES = (
+    "interference_ratio_last",
+    "interference_ratio",
+    "drift_norm_ratio",
+    "update_norm_ratio",
+    "grad_norm_ratio",
+    "cka_self",
+    "cka_other",
+)
+# Positive, scale-like features enter the model as logarithms: ratios are symmetric in log
+# space (2x and 0.5x are equally far from 1).
+_LOG_FEATURES = {
+    "interference_ratio",
+    "interference_ratio_last",
+    "drift_norm_ratio",
+    "update_norm_ratio",
+    "grad_norm_ratio",
+    "update_norm_self",
+    "update_norm_other",
+    "drift_norm_self",
+    "drift_norm_other",
+}
+_MODELS = ("ridge", "boosting")
+_DEFAULT_PATH = Path(__file__).parent / "data" / "default_predictors.skops"
+
+
+class UnsafePredictorError(MergeprobeError):
+    """A predictor file is a pickle or holds types outside mergeprobe's allow-list."""
+
+
+def _feature_matrix(X: Any, features: Sequence[str]) -> np.ndarray:
+    """Rows of signals → float matrix in ``features`` order; absent keys become NaN."""
+    if hasattr(X, "columns"):  # pandas DataFrame
+        missing = [f for f in features if f not in X.columns]
+        if missing:
+            raise InvalidParameterError(f"X lacks the feature columns {missing}")
+        matrix = X.loc[:, list(features)].to_numpy(dtype=float, copy=True)
+    elif isinstance(X, Mapping):
+        matrix = np.array([[_as_float(X.get(f)) for f in features]])
+    elif len(X) and isinstance(X[0], Mapping):
+        matrix = np.array([[_as_float(row.get(f)) for f in features] for row in X])
+    else:
+        matrix = np.asarray(X, dtype=float)
+        if matrix.ndim != 2 or matrix.shape[1] != len(features):
+            raise InvalidParameterError(
+                f"X must have {len(features)} columns ({', '.join(features)}); got shape "
+                f"{matrix.shape}"
+            )
+        matrix = matrix.copy()
+    matrix[~np.isfinite(matrix)] = np.nan
+    for k, name in enumerate(features):
+        if name in _LOG_FEATURES:
+            column = matrix[:, k]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                matrix[:, k] = np.where(column > 0, np.log(np.maximum(column, 1e-12)), np.nan)
+    return matrix
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class RetentionPredictor(RegressorMixin, BaseEstimator):
+    """Predicts the retention ``R_{i|j}`` of adapter i merged with j from pairwise signals.
+
+    Parameters
+    ----------
+    features : sequence of str
+        Names of the pairwise signals used, in order (see ``pairwise_signals``).
+    model : {"ridge", "boosting"}
+        Ridge regression on standardised features (cross-validated penalty), or shallow
+        histogram gradient boosting.
+    coverage : float in (0, 1)
+        Nominal coverage of ``predict_interval``; the interval comes from out-of-fold
+        residual quantiles (grouped when ``fit`` gets ``groups``), so it is honest for pairs
+        unlike those seen in training only as far as the folds are.
+    random_state : int
+        Seeds the boosting model and the fold assignment.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[str] = DEFAULT_FEATURES,
+        model: str = "ridge",
+        coverage: float = 0.8,
+        random_state: int = 0,
+    ) -> None:
+        self.features = features
+        self.model = model
+        self.coverage = coverage
+        self.random_state = random_state
+
+    def _validate_params(self) -> None:
+        if isinstance(self.features, str) or not len(self.features):
+            raise InvalidParameterError(
+                f"features must be a non-empty sequence of names; got {self.features!r}"
+            )
+        if self.model not in _MODELS:
+            raise InvalidParameterError(f"model must be one of {_MODELS}; got {self.model!r}")
+        if not 0 < float(self.coverage) < 1:
+            raise InvalidParameterError(f"coverage must lie in (0, 1); got {self.coverage!r}")
+
+    def _make_estimator(self):
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        from sklearn.impute import SimpleImputer
+        from sklearn.linear_model import RidgeCV
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        if self.model == "boosting":
+            return HistGradientBoostingRegressor(
+                max_depth=2,
+                learning_rate=0.05,
+                max_iter=150,
+                min_samples_leaf=20,
+                random_state=self.random_state,
+            )
+        return Pipeline(
+            [
+                (
+                    "impute",
+                    SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
+                ),
+                ("scale", StandardScaler()),
+                ("ridge", RidgeCV(alphas=np.logspace(-2, 4, 13))),
+            ]
+        )
+
+    def fit(self, X: Any, y: Any, groups: Any = None) -> RetentionPredictor:
+        """Fit on rows of signals ``X`` and measured retentions ``y``.
+
+        ``groups`` (e.g. the task of the held-out adapter) makes the interval's folds leave
+        whole groups out, as a new task would be.
+        """
+        from sklearn.model_selection import GroupKFold, KFold
+
+        self._validate_params()
+        self.features = tuple(self.features)
+        matrix = _feature_matrix(X, self.features)
+        target = np.asarray(y, dtype=float)
+        if target.shape != (matrix.shape[0],):
+            raise InvalidParameterError(
+                f"y must have one value per row of X ({matrix.shape[0]}); got shape {target.shape}"
+            )
+        if not np.isfinite(target).all():
+            raise InvalidParameterError("y has NaN or infinite retentions; drop those rows")
+        if matrix.shape[0] < 10:
+            raise InvalidParameterError(
+                f"need at least 10 measured pairs to fit; got {matrix.shape[0]}"
+            )
+        # A signal no training pair has cannot be learned from; predict without it.
+        self.active_features_ = np.flatnonzero(np.isfinite(matrix).any(axis=0))
+        if self.active_features_.size == 0:
+            raise InvalidParameterError(f"every feature is missing in X ({self.features})")
+        matrix = matrix[:, self.active_features_]
+        if groups is not None:
+            groups = np.asarray(groups)
+            n_splits = min(5, len(np.unique(groups)))
+            splitter = GroupKFold(n_splits=n_splits) if n_splits >= 2 else None
+        else:
+            splitter = KFold(n_splits=5, shuffle=True, random_state=self.random_state)
+        residuals = np.empty(0)
+        if splitter is not None:
+            out_of_fold = np.full(target.shape, np.nan)
+            for train, test in splitter.split(matrix, target, groups):
+                estimator = self._make_estimator().fit(matrix[train], target[train])
+                out_of_fold[test] = estimator.predict(matrix[test])
+            residuals = target - out_of_fold
+        self.estimator_ = self._make_estimator().fit(matrix, target)
+        if residuals.size == 0:  # one group only: fall back to in-sample residuals
+            residuals = target - self.estimator_.predict(matrix)
+        tail = (1 - float(self.coverage)) / 2
+        self.residual_quantiles_ = (
+            float(np.quantile(residuals, tail)),
+            float(np.quantile(residuals, 1 - tail)),
+        )
+        self.n_features_in_ = len(self.features)
+        self.n_train_ = int(matrix.shape[0])
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "estimator_"):
+            raise MergeprobeError("this RetentionPredictor is not fitted yet; call fit first")
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted retention for each row of ``X``."""
+        self._check_fitted()
+        matrix = _feature_matrix(X, self.features)[:, self.active_features_]
+        return self.estimator_.predict(matrix)
+
+    def predict_interval(self, X: Any) -> np.ndarray:
+        """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
+        point = self.predict(X)
+        low, high = self.residual_quantiles_
+        return np.stack([point + low, point + high], axis=1)
+
+
+def set_retention(pairwise: Sequence[float]) -> float:
+    """Retention of one member in a merged set from its pairwise retentions with the others.
+
+    Damages add: ``1 - Σ_j (1 - R_{i|j})`` (each partner's ΔW adds its own perturbation to
+    the merged weights). Checked against the benchmark's measured triples.
+    """
+    values = [float(r) for r in pairwise]
+    if not values:
+        return 1.0
+    return 1.0 - sum(1.0 - r for r in values)
+
+
+# -- safe persistence ---------------------------------------------------------------------
+
+_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "mergeprobe.predictor.", "builtins.")
+
+
+def save_predictors(
+    predictors: Mapping[str, RetentionPredictor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write fitted predictors (one per merge method) to a skops file, atomically."""
+    import skops.io
+
+    for method, predictor in predictors.items():
+        if method not in METHODS:
+            raise InvalidParameterError(f"unknown merge method {method!r}; expected {METHODS}")
+        predictor._check_fitted()
+    path = Path(path)
+    payload = {
+        "format": "mergeprobe.predictors/1",
+        "mergeprobe_version": __version__,
+        "metadata_json": json.dumps(dict(metadata or {}), sort_keys=True),
+        "predictors": dict(predictors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    skops.io.dump(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_predictors(
+    path: str | os.PathLike | None = None,
+) -> tuple[dict[str, RetentionPredictor], dict[str, Any]]:
+    """Predictors and their metadata from a skops file (default: the one shipped).
+
+    Refuses a pickle file and any object type outside scikit-learn, numpy and mergeprobe's
+    predictor: a predictor may come from someone else.
+    """
+    import skops.io
+
+    path = Path(path) if path is not None else _DEFAULT_PATH
+    if not path.is_file():
+        raise MergeprobeError(f"no predictor file at {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" or path.suffix in {".pkl", ".pickle", ".joblib"}:
+        raise UnsafePredictorError(
+            f"{path} is a pickle; mergeprobe never loads pickles (they can run code). "
+            "Save predictors with mergeprobe.save_predictors (skops format)."
+        )
+    if head != b"PK\x03\x04":
+        raise UnsafePredictorError(f"{path} is not a skops file")
+    untrusted = skops.io.get_untrusted_types(file=path)
+    refused = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
+    if refused:
+        raise UnsafePredictorError(f"{path} holds types outside the allow-list: {refused}")
+    payload = skops.io.load(path, trusted=untrusted)
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != "mergeprobe.predictors/1"
+        or not isinstance(payload.get("predictors"), dict)
+    ):
+        raise UnsafePredictorError(f"{path} is not a mergeprobe predictor file")
+    predictors = payload["predictors"]
+    for method, predictor in predictors.items():
+        if not isinstance(predictor, RetentionPredictor):
+            raise UnsafePredictorError(f"{path}: entry {method!r} is not a RetentionPredictor")
+    metadata = json.loads(payload.get("metadata_json") or "{}")
+    metadata.setdefault("mergeprobe_version", payload.get("mergeprobe_version"))
+    return predictors, metadata
+
+
+def fit(
+    pairs: str | os.PathLike | Sequence[Mapping[str, Any]],
+    *,
+    features: Sequence[str] = DEFAULT_FEATURES,
+    model: str = "ridge",
+    group_key: str | None = "group",
+    out: str | os.PathLike | None = None,
+) -> dict[str, RetentionPredictor]:
+    """Refit predictors from measured outcomes.
+
+    ``pairs`` is a JSONL file (or a list of dicts): one directed pair per line with its
+    pairwise signals (names as in ``features``) and one or more measured retentions
+    ``retention_direct``, ``retention_mean``, ``retention_ties``, ``retention_dare``; an
+    optional ``group`` (e.g. the task) keeps related pairs in the same interval fold.
+    A predictor is fitted for each method with at least 10 measured pairs; with ``out``
+    they are saved (skops) for ``load_predictors``.
+    """
+    if isinstance(pairs, (str, os.PathLike)):
+        rows = []
+        with open(pairs, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise InvalidParameterError(f"{pairs}:{number}: not JSON ({exc})") from exc
+    else:
+        rows = list(pairs)
+    predictors = {}
+    for method in METHODS:
+        key = f"retention_{method}"
+        usable = [r for r in rows if math.isfinite(_as_float(r.get(key)))]
+        if len(usable) < 10:
+            continue
+        groups = [r.get(group_key) for r in usable] if group_key else None
+        if groups is not None and any(g is None for g in groups):
+            groups = None
+        predictors[method] = RetentionPredictor(features=features, model=model).fit(
+            usable, [float(r[key]) for r in usable], groups=groups
+        )
+    if not predictors:
+        raise InvalidParameterError(
+            "no merge method has 10 or more measured pairs (keys retention_direct, "
+            "retention_mean, retention_ties, retention_dare)"
+        )
+    if out is not None:
+        save_predictors(
+            predictors,
+            out,
+            {"trained_on": {m: p.n_train_ for m, p in predictors.items()}, "source": "fit"},
+        )
+    return predictors

@@ -1,0 +1,130 @@
+"""The callback's decision at the horizon: records valid against the schema, early stop."""
+
+from __future__ import annotations
+
+import jsonschema
+import numpy as np
+import pytest
+
+from mergeprobe import (
+    MergeProbeCallback,
+    Policy,
+    RetentionPredictor,
+    decision_log_schema,
+    read_log,
+    save_predictors,
+)
+
+from .test_callback import _classification_rows, _train
+
+FEATURES = ("drift_norm_ratio", "update_norm_ratio", "cka_self")
+
+
+def _constant_predictor(tmp_path, value):
+    """A fitted predictor that predicts ``value`` for every pair (a fixed outcome)."""
+    rng = np.random.default_rng(0)
+    rows = [{f: float(rng.uniform(0.5, 2)) for f in FEATURES} for _ in range(20)]
+    predictor = RetentionPredictor(features=FEATURES).fit(rows, np.full(20, value))
+    return save_predictors(
+        {"direct": predictor, "mean": predictor},
+        tmp_path / f"const{value}.skops",
+        {"trained_on": 20},
+    )
+
+
+def _validate(records):
+    validator = jsonschema.Draft202012Validator(decision_log_schema())
+    for record in records:
+        validator.validate(record)
+
+
+def _callback(tmp_path, name, **kwargs):
+    return MergeProbeCallback(
+        tmp_path / "store",
+        run_name=name,
+        horizon=0.25,
+        log_path=tmp_path / f"{name}.jsonl",
+        **kwargs,
+    )
+
+
+def test_a_run_with_nothing_to_compare_with_writes_a_decision_that_says_so(tmp_path):
+    callback = _callback(tmp_path, "first")
+    _train(tmp_path, "first", callback, max_steps=12)
+    records = read_log(tmp_path / "first.jsonl")
+    _validate(records)
+    (decision,) = [r for r in records if r["event"] == "decision"]
+    assert decision["step"] == 3 and decision["pairs"] == []
+    assert "no compatible signature" in decision["reasons"][0]
+    assert decision["predictor"]["name"] == "default"
+    assert [r["event"] for r in records][-1] == "final"  # training went on to the end
+
+
+def test_decision_compares_with_the_store_and_validates(tmp_path):
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)
+    predictor = _constant_predictor(tmp_path, 0.97)
+    callback = _callback(tmp_path, "b", predictor=predictor)
+    trainer = _train(tmp_path, "b", callback, max_steps=12, rows=_classification_rows(seed=1))
+    records = read_log(tmp_path / "b.jsonl")
+    _validate(records)
+    (decision,) = [r for r in records if r["event"] == "decision"]
+    assert decision["decision"] == "merge"
+    (pair,) = decision["pairs"]
+    assert pair["with"] == "a" and pair["retention_self"] == pytest.approx(0.97)
+    assert pair["retention_other"] == pytest.approx(0.97)
+    lo, hi = pair["interval"]
+    assert lo - 1e-9 <= 0.97 <= hi + 1e-9
+    assert pair["partner_state"].startswith("probe at")  # a's early probe, not its end
+    assert decision["set"]["members"] == ["b", "a"]
+    assert callback.decision["decision"] == "merge"
+    logged = [h for h in trainer.state.log_history if "mergeprobe/retention_min" in h]
+    assert logged and logged[0]["mergeprobe/retention_min"] == pytest.approx(0.97)
+
+
+def test_incompatible_run_is_stopped_early(tmp_path):
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)
+    predictor = _constant_predictor(tmp_path, 0.5)
+    callback = _callback(
+        tmp_path,
+        "b",
+        predictor=predictor,
+        on_incompatible="stop",
+        policy=Policy(tau=0.9, methods=("direct", "mean")),
+    )
+    trainer = _train(tmp_path, "b", callback, max_steps=12)
+    assert trainer.state.global_step == 3  # stopped at the horizon, not at step 12
+    records = read_log(tmp_path / "b.jsonl")
+    _validate(records)
+    events = [r["event"] for r in records]
+    assert events.index("decision") < events.index("stopped")
+    (decision,) = [r for r in records if r["event"] == "decision"]
+    assert decision["decision"] == "route"
+
+
+def test_without_stop_an_incompatible_run_goes_on(tmp_path):
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)
+    callback = _callback(tmp_path, "b", predictor=_constant_predictor(tmp_path, 0.5))
+    trainer = _train(tmp_path, "b", callback, max_steps=12)
+    assert trainer.state.global_step == 12
+    assert callback.decision["decision"] == "route"
+
+
+def test_schema_rejects_a_malformed_decision():
+    record = {
+        "schema": "mergeprobe.decision/1",
+        "event": "decision",
+        "time": "2026-11-23T10:00:00Z",
+        "run": "r",
+        "step": 3,
+        "max_steps": 12,
+        "fraction": 0.25,
+        "decision": "maybe",
+        "reasons": ["x"],
+        "pairs": [],
+        "set": {"members": ["r"]},
+        "predictor": {"name": "default", "version": "0.1.0"},
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        _validate([record])
+    record["decision"] = "merge"
+    _validate([record])

@@ -1,0 +1,99 @@
+"""Policy decisions and store-wide plans on hand-set predictions."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergeprobe import InvalidParameterError, PairPrediction, Policy
+
+
+def _pair(a, b, direct, mean=None, other=None, redundancy=0.0):
+    mean = direct if mean is None else mean
+    other = other or {}
+    return PairPrediction(
+        a,
+        b,
+        {"direct": direct, "mean": mean},
+        {"direct": other.get("direct", direct), "mean": other.get("mean", mean)},
+        {"direct": (direct - 0.05, direct + 0.05), "mean": (mean - 0.05, mean + 0.05)},
+        redundancy=redundancy,
+    )
+
+
+POLICY = Policy(tau=0.9, methods=("direct", "mean"))
+
+
+def test_nothing_to_compare_with_says_so():
+    decision = POLICY.decide("run", [])
+    assert decision.decision == "merge"
+    assert "no compatible signature" in decision.reasons[0]
+    assert decision.members == ["run"]
+
+
+def test_merge_when_both_sides_stay_above_tau():
+    decision = POLICY.decide("run", [_pair("run", "a", 0.97), _pair("run", "b", 0.5)])
+    assert decision.decision == "merge" and decision.method == "direct"
+    assert decision.members == ["run", "a"]
+    assert decision.predicted_min == pytest.approx(0.97)
+    assert "0.970" in decision.reasons[0]
+
+
+def test_set_retention_limits_how_many_partners_join():
+    # 0.95 and 0.94 each pass, but together the run keeps 1 - 0.05 - 0.06 = 0.89 < 0.9
+    decision = POLICY.decide("run", [_pair("run", "a", 0.95), _pair("run", "b", 0.94)])
+    assert decision.members == ["run", "a"]
+
+
+def test_reweight_when_only_the_mean_merge_keeps_it():
+    decision = POLICY.decide("run", [_pair("run", "a", 0.7, mean=0.93)])
+    assert decision.decision == "reweight" and decision.method == "mean"
+    assert decision.weights == {"run": 0.5, "a": 0.5}
+    assert "falls below tau" in decision.reasons[0]
+
+
+def test_route_when_nothing_keeps_it():
+    decision = POLICY.decide("run", [_pair("run", "a", 0.6, mean=0.8)])
+    assert decision.decision == "route"
+    assert "0.600" in decision.reasons[0]
+
+
+def test_prune_a_redundant_run():
+    decision = POLICY.decide("run", [_pair("run", "a", 0.99, redundancy=0.95)])
+    assert decision.decision == "prune" and decision.members == ["run", "a"]
+
+
+def test_the_partner_side_counts_too():
+    decision = POLICY.decide("run", [_pair("run", "a", 0.99, other={"direct": 0.5, "mean": 0.5})])
+    assert decision.decision == "route"
+
+
+def test_plan_groups_compatible_adapters_and_routes_the_rest():
+    names = ["a", "b", "c"]
+    table = {
+        ("a", "b"): 0.97,
+        ("b", "a"): 0.96,
+        ("a", "c"): 0.5,
+        ("c", "a"): 0.6,
+        ("b", "c"): 0.55,
+        ("c", "b"): 0.7,
+    }
+    pairs = [_pair(x, y, v) for (x, y), v in table.items()]
+    decisions = POLICY.plan(names, pairs)
+    kinds = {tuple(sorted(d.members)): d.decision for d in decisions}
+    assert kinds == {("a", "b"): "merge", ("c",): "route"}
+    merged = next(d for d in decisions if d.decision == "merge")
+    assert merged.predicted_min == pytest.approx(0.96)
+
+
+def test_plan_uses_the_mean_merge_where_the_direct_one_fails():
+    pairs = [_pair("a", "b", 0.8, mean=0.95), _pair("b", "a", 0.8, mean=0.92)]
+    (decision,) = POLICY.plan(["a", "b"], pairs)
+    assert decision.decision == "reweight" and decision.weights == {"a": 0.5, "b": 0.5}
+    assert decision.predicted_min == pytest.approx(0.92)
+
+
+def test_bad_thresholds_are_refused():
+    with pytest.raises(InvalidParameterError, match="tau"):
+        Policy(tau=0)
+    with pytest.raises(InvalidParameterError, match="methods"):
+        Policy(methods=("average",))

@@ -1,0 +1,151 @@
+"""RetentionPredictor: fit/predict, missing values, intervals, safe persistence, mergeprobe.fit."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from mergeprobe import (
+    InvalidParameterError,
+    RetentionPredictor,
+    UnsafePredictorError,
+    fit,
+    load_predictors,
+    save_predictors,
+    set_retention,
+)
+
+FEATURES = ("interference_ratio_last", "drift_norm_ratio", "cka_self")
+
+
+def _rows(n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, y = [], []
+    for _k in range(n):
+        ratio = float(rng.uniform(0.1, 3.0))
+        cka = float(rng.uniform(0.5, 1.0))
+        rows.append(
+            {
+                "interference_ratio_last": ratio,
+                "drift_norm_ratio": float(rng.uniform(0.2, 5)),
+                "cka_self": cka,
+            }
+        )
+        # retention falls linearly with the log of the interference ratio
+        y.append(1.0 - 0.1 * math.log(ratio) + 0.05 * (cka - 0.75))
+    groups = [k % 6 for k in range(n)]
+    return rows, np.array(y), groups
+
+
+def test_ridge_recovers_a_linear_log_relation():
+    rows, y, groups = _rows()
+    predictor = RetentionPredictor(features=FEATURES).fit(rows, y, groups=groups)
+    test_rows, test_y, _ = _rows(20, seed=1)
+    assert np.abs(predictor.predict(test_rows) - test_y).max() < 0.01
+    low, high = predictor.residual_quantiles_
+    assert low < 0 < high and high - low < 0.02
+
+
+def test_missing_signals_stay_missing_not_zero():
+    rows, y, groups = _rows()
+    rows[3]["cka_self"] = None  # one training row misses it too: the indicator is learned
+    predictor = RetentionPredictor(features=FEATURES).fit(rows, y, groups=groups)
+    base = {"interference_ratio_last": 1.0, "drift_norm_ratio": 1.0}
+    missing = predictor.predict([{**base}])[0]
+    zero = predictor.predict([{**base, "cka_self": 0.0}])[0]
+    median = float(np.median([r["cka_self"] for r in rows if r["cka_self"] is not None]))
+    imputed = predictor.predict([{**base, "cka_self": median}])[0]
+    assert missing != pytest.approx(zero, abs=1e-3)
+    assert missing == pytest.approx(imputed, abs=0.02)
+
+
+def test_interval_brackets_the_prediction():
+    rows, y, groups = _rows()
+    y = y + np.random.default_rng(0).normal(0, 0.05, len(y))
+    predictor = RetentionPredictor(features=FEATURES, coverage=0.8).fit(rows, y, groups=groups)
+    interval = predictor.predict_interval(rows)
+    point = predictor.predict(rows)
+    assert (interval[:, 0] < point).all() and (point < interval[:, 1]).all()
+    inside = ((y >= interval[:, 0]) & (y <= interval[:, 1])).mean()
+    assert 0.6 < inside < 0.95
+
+
+@pytest.mark.parametrize("model", ["ridge", "boosting"])
+def test_round_trip_through_skops_gives_identical_predictions(tmp_path, model):
+    rows, y, groups = _rows()
+    predictor = RetentionPredictor(features=FEATURES, model=model).fit(rows, y, groups=groups)
+    path = save_predictors({"direct": predictor}, tmp_path / "p.skops", {"trained_on": 80})
+    loaded, meta = load_predictors(path)
+    assert meta["trained_on"] == 80 and meta["mergeprobe_version"]
+    np.testing.assert_array_equal(loaded["direct"].predict(rows), predictor.predict(rows))
+    assert loaded["direct"].residual_quantiles_ == predictor.residual_quantiles_
+
+
+def test_a_pickle_is_refused(tmp_path):
+    rows, y, groups = _rows()
+    predictor = RetentionPredictor(features=FEATURES).fit(rows, y, groups=groups)
+    path = tmp_path / "predictor.skops"  # a pickle under a harmless-looking name
+    path.write_bytes(pickle.dumps({"direct": predictor}))
+    with pytest.raises(UnsafePredictorError, match="pickle"):
+        load_predictors(path)
+
+
+class Foreign:
+    """Stands for any class a stranger's file could name."""
+
+    def __init__(self):
+        self.payload = "anything"
+
+
+def test_a_skops_file_with_foreign_types_is_refused(tmp_path):
+    import skops.io
+
+    path = tmp_path / "foreign.skops"
+    skops.io.dump({"format": "mergeprobe.predictors/1", "predictors": {"direct": Foreign()}}, path)
+    with pytest.raises(UnsafePredictorError, match="allow-list"):
+        load_predictors(path)
+
+
+def test_the_shipped_default_predictors_load_and_predict():
+    predictors, meta = load_predictors()
+    assert set(predictors) == {"direct", "mean", "ties", "dare"}
+    assert meta["trained_on"]["direct"] >= 200
+    row = {f: 1.0 for f in predictors["direct"].features}
+    value = predictors["direct"].predict([row])[0]
+    assert 0.3 < value < 1.3
+
+
+def test_invalid_parameters_are_reported_clearly():
+    rows, y, _ = _rows()
+    with pytest.raises(InvalidParameterError, match="model must be one of"):
+        RetentionPredictor(features=FEATURES, model="xgboost").fit(rows, y)
+    with pytest.raises(InvalidParameterError, match="one value per row"):
+        RetentionPredictor(features=FEATURES).fit(rows, y[:-1])
+    with pytest.raises(InvalidParameterError, match="coverage"):
+        RetentionPredictor(features=FEATURES, coverage=1.5).fit(rows, y)
+
+
+def test_fit_from_a_jsonl_of_measured_pairs(tmp_path):
+    rows, y, groups = _rows()
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        for row, value, group in zip(rows, y, groups, strict=True):
+            f.write(json.dumps({**row, "retention_direct": value, "group": f"t{group}"}) + "\n")
+    out = tmp_path / "mine.skops"
+    predictors = fit(path, features=FEATURES, out=out)
+    assert set(predictors) == {"direct"}
+    loaded, meta = load_predictors(out)
+    assert meta["trained_on"] == {"direct": 80}
+    np.testing.assert_allclose(loaded["direct"].predict(rows[:5]), y[:5], atol=0.01)
+    with pytest.raises(InvalidParameterError, match="10 or more"):
+        fit(rows[:5], features=FEATURES)
+
+
+def test_set_retention_adds_the_damages():
+    assert set_retention([0.95, 0.9]) == pytest.approx(0.85)
+    assert set_retention([1.02]) == pytest.approx(1.02)
+    assert set_retention([]) == 1.0
