@@ -73,18 +73,18 @@ class BenchConfig:
     dare_density: float = 0.5
     eval_batch_size: int = 64
 
-    def train_key(self, task: str, seed: int) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _EVAL_ONLY}
-        fields.update(task=task, seed=seed, model=Path(self.model).name)
-        fields.pop("tasks"), fields.pop("seeds"), fields.pop("data")
-        return _hash(fields)
-
-    def store_key(self) -> str:
-        """Key of the training settings shared by every adapter (one signature store each)."""
+    def _training_fields(self) -> dict[str, Any]:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _EVAL_ONLY}
         fields.update(model=Path(self.model).name)
         fields.pop("tasks"), fields.pop("seeds"), fields.pop("data")
-        return _hash(fields)
+        return fields
+
+    def train_key(self, task: str, seed: int) -> str:
+        return _hash({**self._training_fields(), "task": task, "seed": seed})
+
+    def store_key(self) -> str:
+        """Key of the training settings shared by every adapter (one signature store each)."""
+        return _hash(self._training_fields())
 
     def eval_key(self) -> str:
         return _hash(

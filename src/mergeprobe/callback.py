@@ -400,6 +400,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._pending_logs = {}
         self._loss = None
         self._first_loss = None
+        self.decision = None
 
     @_guarded
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):

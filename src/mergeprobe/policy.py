@@ -140,11 +140,9 @@ class Policy:
             # run's set retention stays above tau.
             fits.sort(key=lambda p: -min(p.retention_self[method], p.retention_other[method]))
             chosen: list[PairPrediction] = []
-            for p in fits:
+            for p in fits:  # the first always fits: its own retention is >= tau
                 if set_retention([q.retention_self[method] for q in [*chosen, p]]) >= self.tau:
                     chosen.append(p)
-            if not chosen:
-                chosen = fits[:1]
             own = set_retention([p.retention_self[method] for p in chosen])
             others = [p.retention_other[method] for p in chosen]
             members = [name, *(p.other for p in chosen)]
@@ -202,7 +200,7 @@ class Policy:
             p = table.get((a, b))
             return p.retention_self.get(method, -math.inf) if p is not None else -math.inf
 
-        def worst(group: Sequence[str], method: str) -> list[float]:
+        def set_values(group: Sequence[str], method: str) -> list[float]:
             return [set_retention([r(a, b, method) for b in group if b != a]) for a in group]
 
         def hardness(n: str) -> float:
@@ -215,7 +213,7 @@ class Policy:
             best = None
             for k, (members, _) in enumerate(groups):
                 for method in self.methods:
-                    low = min(worst([*members, n], method))
+                    low = min(set_values([*members, n], method))
                     if low >= self.tau and (best is None or low > best[0] + 1e-12):
                         best = (low, k, method)
                     if low >= self.tau:
@@ -240,7 +238,7 @@ class Policy:
                     )
                 )
                 continue
-            values = worst(members, method)
+            values = set_values(members, method)
             kind = "merge" if method == self.methods[0] else "reweight"
             decisions.append(
                 Decision(
@@ -311,10 +309,10 @@ def predict_pairs(
             continue
         retention_self, retention_other, interval = {}, {}, {}
         for method, predictor in predictors.items():
-            lo_hi = predictor.predict_interval([forward])[0]
-            retention_self[method] = float(predictor.predict([forward])[0])
-            retention_other[method] = float(predictor.predict([backward])[0])
-            interval[method] = (float(lo_hi[0]), float(lo_hi[1]))
+            own, partner = (float(v) for v in predictor.predict([forward, backward]))
+            low, high = predictor.residual_quantiles_
+            retention_self[method], retention_other[method] = own, partner
+            interval[method] = (own + low, own + high)
         predictions.append(
             PairPrediction(
                 signature.name,
