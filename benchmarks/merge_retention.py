@@ -378,6 +378,54 @@ def random_control(reference: Adapter, rank: int, seed: int) -> Adapter:
     return Adapter(f"random({reference.run})", "none", None, deltas, None)
 
 
+class MergeRunner:
+    """Accuracy of a target adapter inside a merge of ``members``, measured once and cached.
+
+    The cache key names the merge method, every member's training key and the target's, so
+    the benchmark and the plan evaluation share measurements."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        evaluator: Evaluator,
+        measurements: Measurements,
+        key_of: dict[str, str],
+    ):
+        self.config, self.evaluator = config, evaluator
+        self.measurements, self.key_of = measurements, key_of
+
+    def accuracy(self, members: Sequence[Adapter], method: str, target: Adapter) -> float:
+        from mergeprobe.merge import merge_deltas
+
+        ids = "+".join(sorted(self.key_of.get(m.run, m.run) for m in members))
+        key = f"{method}|{ids}|{self.key_of[target.run]}"
+
+        def compute() -> float:
+            if method == "none":
+                self.evaluator.set_deltas({})
+            else:
+                density = {"ties": self.config.ties_density, "dare": self.config.dare_density}
+                self.evaluator.set_deltas(
+                    merge_deltas([m.deltas for m in members], method, density=density.get(method))
+                )
+            return self.evaluator.accuracy(target.task, target.head)
+
+        return self.measurements.get(key, compute)
+
+
+def load_adapters(
+    config: BenchConfig, cache: Path, tasks: dict[str, Task]
+) -> tuple[list[Adapter], dict[str, str]]:
+    """Every trained adapter of ``config`` (dense updates and head) and its cache key."""
+    adapters = [
+        load_adapter(config, adapter_dir(cache, config, t, s), tasks[t], s)
+        for t in config.tasks
+        for s in config.seeds
+    ]
+    key_of = {a.run: f"{a.run}-{config.train_key(a.task, a.seed)}" for a in adapters}
+    return adapters, key_of
+
+
 # -- the pipeline ------------------------------------------------------------------------------
 
 
@@ -401,7 +449,6 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
     from transformers import AutoTokenizer
 
     from mergeprobe import SignatureStore, pairwise_signals
-    from mergeprobe.merge import merge_deltas
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -428,34 +475,12 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
     train_seconds = sum(r["train_seconds"] for r in records)
 
     # 2. load every adapter's dense updates and head
-    adapters = [
-        load_adapter(config, adapter_dir(cache, config, t, s), tasks[t], s) for t, s in jobs
-    ]
+    adapters, key_of = load_adapters(config, cache, tasks)
     by_run = {a.run: a for a in adapters}
     evaluator = Evaluator(config, tokenizer, tasks)
     measurements = Measurements(cache / f"measurements-{config.eval_key()}.jsonl")
-    key_of = {a.run: f"{a.run}-{config.train_key(a.task, a.seed)}" for a in adapters}
 
-    def measure(members: Sequence[Adapter], method: str, target: Adapter) -> float:
-        ids = "+".join(sorted(key_of.get(m.run, m.run) for m in members))
-        key = f"{method}|{ids}|{key_of[target.run]}"
-
-        def compute() -> float:
-            if method == "none":
-                evaluator.set_deltas({})
-            else:
-                evaluator.set_deltas(
-                    merge_deltas(
-                        [m.deltas for m in members],
-                        method,
-                        density={"ties": config.ties_density, "dare": config.dare_density}.get(
-                            method
-                        ),
-                    )
-                )
-            return evaluator.accuracy(target.task, target.head)
-
-        return measurements.get(key, compute)
+    measure = MergeRunner(config, evaluator, measurements, key_of).accuracy
 
     # 3. alone and base accuracy
     alone, base = {}, {}

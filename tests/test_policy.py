@@ -92,6 +92,22 @@ def test_plan_uses_the_mean_merge_where_the_direct_one_fails():
     assert decision.predicted_min == pytest.approx(0.92)
 
 
+def test_plan_prunes_only_in_favour_of_a_served_adapter():
+    # a ~ b and b ~ c are redundant, a and c are not: b goes to a, c stays (no chain c -> b -> a)
+    similarity = {("a", "b"): 0.95, ("b", "c"): 0.93, ("a", "c"): 0.2}
+    pairs = [
+        _pair(x, y, 0.97, redundancy=similarity.get((x, y), similarity.get((y, x))))
+        for x in "abc"
+        for y in "abc"
+        if x != y
+    ]
+    decisions = POLICY.plan(["a", "b", "c"], pairs)
+    pruned = [d.members for d in decisions if d.decision == "prune"]
+    assert pruned == [["b", "a"]]
+    served = {m for d in decisions if d.decision != "prune" for m in d.members}
+    assert served == {"a", "c"}
+
+
 def test_bad_thresholds_are_refused():
     with pytest.raises(InvalidParameterError, match="tau"):
         Policy(tau=0)

@@ -723,6 +723,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         """At the horizon: write a decision; with on_incompatible="stop", stop on "route"."""
         stop = False
         if self._write:
+            started = time.perf_counter()
             try:
                 record = self._decision_record()
             except Exception as exc:
@@ -737,6 +738,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                     "predictor": {"name": str(self.predictor or "default"), "version": None},
                     "failed": True,
                 }
+            # One-time cost (loads every partner and the predictor); benchmarks/overhead.py
+            # reports it against the size of the store.
+            record["overhead_seconds"] = round(time.perf_counter() - started, 4)
             self.decision = record
             self._log.write(
                 "decision",

@@ -8,7 +8,6 @@ served models as keep every member's predicted retention at or above ``tau``.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -189,12 +188,22 @@ class Policy:
         for p in pairs:
             table[(p.self, p.other)] = p
         names = list(dict.fromkeys(names))
+        # An adapter is pruned only in favour of one that is kept, so no chain a -> b -> c
+        # leaves a task without a served model.
+        keep: list[str] = []
         pruned: dict[str, tuple[str, float]] = {}
-        for a, b in itertools.combinations(names, 2):
-            p = table.get((a, b))
-            if p is not None and p.redundancy >= self.prune_similarity and b not in pruned:
-                pruned.setdefault(a, (b, p.redundancy))
-        keep = [n for n in names if n not in pruned]
+        for n in names:
+            twins = [
+                (p.redundancy, k)
+                for k in keep
+                if (p := table.get((n, k)) or table.get((k, n))) is not None
+                and p.redundancy >= self.prune_similarity
+            ]
+            if twins:
+                similarity, twin = max(twins)
+                pruned[n] = (twin, similarity)
+            else:
+                keep.append(n)
 
         def r(a: str, b: str, method: str) -> float:
             p = table.get((a, b))

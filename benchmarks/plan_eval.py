@@ -1,0 +1,262 @@
+"""Follow the policy's plan on the benchmark, against always-merge and full routing.
+
+    python benchmarks/plan_eval.py [--results benchmarks/results] [--tau 0.9]
+
+For each seed, the scenario is one adapter per task (11 on the full benchmark), the situation
+of a team that wants to serve its task adapters in as few models as it can. Strategies:
+
+- ``route all``: every adapter served on its own (retention 1 by definition);
+- ``merge all (<method>)``: one model, all adapters merged by direct / mean / TIES / DARE;
+- ``plan, predicted at 5 %``: ``Policy.plan`` on retentions predicted from the 5 % signals,
+  leave-one-task-out (each pair predicted by a predictor that never saw its own task), the
+  groups then really merged and measured;
+- ``plan, measured pairs``: the same policy fed the *measured* pairwise retentions, the ceiling
+  a perfect pairwise predictor would reach with this policy.
+
+Every merged model is built from the cached adapters and evaluated on each member's own task
+with its own head (accuracy cached with the benchmark's measurements). Writes plan_eval.md and
+plan_eval.json into the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+from benchmarks import merge_retention as bench  # noqa: E402
+from benchmarks.predictor_eval import loto  # noqa: E402
+from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
+from mergeprobe.predictor import DEFAULT_FEATURES, METHODS  # noqa: E402
+
+TAUS = (0.8, 0.85, 0.9, 0.95)
+
+
+def load_config(results: Path) -> bench.BenchConfig:
+    config = json.loads((results / "run.json").read_text())["config"]
+    tuples = {k: tuple(v) for k, v in config.items() if isinstance(v, list)}
+    return bench.BenchConfig(**{**config, **tuples})
+
+
+def predicted_pairs(frame: pd.DataFrame, prefix: str, model: str) -> dict[str, np.ndarray]:
+    """Leave-one-task-out predictions of every cross-task directed pair, per merge method."""
+    columns = [f"{prefix}_{f}" for f in DEFAULT_FEATURES if f"{prefix}_{f}" in frame.columns]
+    out = {}
+    for method in METHODS:
+        y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
+        out[method] = loto(frame, columns, y, model)
+    return out
+
+
+def pair_predictions(frame: pd.DataFrame, values: dict[str, np.ndarray], redundancy: str | None):
+    """``PairPrediction`` for every directed pair, from per-method value arrays."""
+    index = {(r.self, r.other): k for k, r in enumerate(frame.itertuples())}
+    pairs = []
+    for (a, b), k in index.items():
+        back = index.get((b, a))
+        if back is None:
+            continue
+        pairs.append(
+            PairPrediction(
+                a,
+                b,
+                {m: float(v[k]) for m, v in values.items()},
+                {m: float(v[back]) for m, v in values.items()},
+                {},
+                redundancy=float(frame[redundancy].iloc[k]) if redundancy else math.nan,
+            )
+        )
+    return pairs
+
+
+def measure_groups(groups, runner, by_run) -> dict[str, float]:
+    """Ratio retention of every adapter under ``groups``: (members, method) pairs; a member
+    served alone keeps 1. ``pruned`` adapters are evaluated inside their twin's group."""
+    retention = {}
+    for members, method in groups:
+        adapters = [by_run[m] for m in members]
+        for target in adapters:
+            alone = runner.accuracy([target], "direct", target)
+            if len(adapters) == 1:
+                retention[target.run] = 1.0
+            else:
+                retention[target.run] = runner.accuracy(adapters, method, target) / alone
+    return retention
+
+
+def plan_groups(decisions) -> tuple[list[tuple[list[str], str]], dict[str, str]]:
+    groups, pruned = [], {}
+    for d in decisions:
+        if d.decision == "prune":
+            pruned[d.members[0]] = d.members[1]
+        else:
+            groups.append((list(d.members), d.method or "direct"))
+    return groups, pruned
+
+
+def evaluate_plan(decisions, runner, by_run) -> dict[str, float]:
+    groups, pruned = plan_groups(decisions)
+    retention = measure_groups(groups, runner, by_run)
+    for name, twin in pruned.items():
+        members, method = next(g for g in groups if twin in g[0])
+        target = by_run[name]
+        merged = runner.accuracy([by_run[m] for m in members], method, target)
+        retention[name] = merged / runner.accuracy([target], "direct", target)
+    return retention
+
+
+def summarise(label: str, retention: dict[str, float], served: int, tau: float, groups: str):
+    values = list(retention.values())
+    return {
+        "strategy": label,
+        "served": served,
+        "mean": statistics.fmean(values),
+        "worst": min(values),
+        "below": sum(v < tau for v in values),
+        "n": len(values),
+        "groups": groups,
+    }
+
+
+def describe_groups(groups) -> str:
+    merged = [
+        f"{'+'.join(m.split('-s')[0] for m in members)} ({method})"
+        for members, method in groups
+        if len(members) > 1
+    ]
+    return "; ".join(merged) or "—"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--cache",
+        default=os.environ.get(
+            "MERGEPROBE_BENCH_CACHE", str(Path.home() / ".cache" / "mergeprobe" / "benchmark")
+        ),
+        help="the benchmark's cache (adapters and measurements)",
+    )
+    parser.add_argument("--tau", type=float, default=0.9, help="the policy's threshold")
+    parser.add_argument("--probe", default="p05", help="signals of the predictions (p01..final)")
+    parser.add_argument("--model", choices=("ridge", "boosting"), default="boosting")
+    args = parser.parse_args(argv)
+    results, cache = Path(args.results), Path(args.cache)
+    if not (results / "pairs.csv").is_file():
+        parser.error(f"{results}/pairs.csv not found: run benchmarks/merge_retention.py first")
+    started = time.perf_counter()
+    config = load_config(results)
+    table = pd.read_csv(results / "pairs.csv")
+    frame = table[~table.same_task].reset_index(drop=True)
+    predicted = predicted_pairs(frame, args.probe, args.model)
+    measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tasks = {name: bench.load_task(Path(config.data), name) for name in config.tasks}
+    adapters, key_of = bench.load_adapters(config, cache, tasks)
+    by_run = {a.run: a for a in adapters}
+    evaluator = bench.Evaluator(config, tokenizer, tasks)
+    measurements = bench.Measurements(cache / f"measurements-{config.eval_key()}.jsonl")
+    runner = bench.MergeRunner(config, evaluator, measurements, key_of)
+
+    rows, sweep = [], []
+    for seed in config.seeds:
+        names = [f"{t}-s{seed}" for t in config.tasks]
+        scenario = frame[frame.self.isin(names) & frame.other.isin(names)]
+        keep = scenario.index.to_numpy()
+        sub = scenario.reset_index(drop=True)
+        pairs_pred = pair_predictions(
+            sub, {m: v[keep] for m, v in predicted.items()}, f"{args.probe}_drift_cosine"
+        )
+        pairs_true = pair_predictions(sub, {m: v[keep] for m, v in measured.items()}, None)
+        bench.log(f"seed {seed}: {len(names)} adapters, {len(pairs_pred)} directed pairs")
+        tag = f"seed {seed}"
+        rows.append(
+            summarise(f"{tag}: route all", dict.fromkeys(names, 1.0), len(names), args.tau, "—")
+        )
+        for method in METHODS:
+            group = [(names, method)]
+            retention = measure_groups(group, runner, by_run)
+            rows.append(summarise(f"{tag}: merge all ({method})", retention, 1, args.tau, "all"))
+        for label, pairs in (
+            ("predicted at 5 %, LOTO", pairs_pred),
+            ("measured pairs", pairs_true),
+        ):
+            for tau in TAUS:
+                decisions = Policy(tau=tau).plan(names, pairs)
+                retention = evaluate_plan(decisions, runner, by_run)
+                groups, _ = plan_groups(decisions)
+                summary = summarise(
+                    f"{tag}: plan, {label}, tau {tau}",
+                    retention,
+                    len(groups),
+                    args.tau,
+                    describe_groups(groups),
+                )
+                sweep.append(summary)
+                if tau == args.tau:
+                    rows.append({**summary, "strategy": f"{tag}: plan, {label}"})
+        bench.log(f"seed {seed} done ({time.perf_counter() - started:.0f} s)")
+
+    lines = [
+        "# Following the plan against always-merge and full routing",
+        "",
+        f"Scenario per seed: one adapter per task ({len(config.tasks)} adapters, r={config.rank}). "
+        f"Retention = accuracy of the served model on the member's task / the adapter alone "
+        f"(measured). Plan: `Policy(tau={args.tau}).plan`, groups merged and measured. "
+        f"Predicted retentions: {args.model}, {args.probe} signals, leave-one-task-out.",
+        "",
+        f"| strategy | served models | mean retention | worst | members < {args.tau} | merged groups |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {r['served']} | {r['mean']:.3f} | {r['worst']:.3f} | "
+            f"{r['below']}/{r['n']} | {r['groups']} |"
+        )
+    lines += [
+        "",
+        f"Threshold sweep (the policy's tau; 'members <' still counts against {args.tau}):",
+        "",
+        f"| plan | served models | mean retention | worst | members < {args.tau} |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sweep:
+        lines.append(
+            f"| {r['strategy']} | {r['served']} | {r['mean']:.3f} | {r['worst']:.3f} | "
+            f"{r['below']}/{r['n']} |"
+        )
+    seconds = round(time.perf_counter() - started, 1)
+    lines += [
+        "",
+        f"Command: `python benchmarks/plan_eval.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (results / "plan_eval.md").write_text(text)
+    (results / "plan_eval.json").write_text(
+        json.dumps({"rows": rows, "sweep": sweep, "seconds": seconds, "tau": args.tau}, indent=2)
+        + "\n"
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

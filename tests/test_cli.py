@@ -1,0 +1,78 @@
+"""The mergeprobe command: each subcommand on good and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mergeprobe import load_predictors
+from mergeprobe.cli import main
+
+from .test_predictor import FEATURES, _rows
+
+
+def _write_pairs(path, n=80):
+    rows, y, groups = _rows(n)
+    with open(path, "w") as f:
+        for row, value, group in zip(rows, y, groups, strict=True):
+            record = {**row, "retention_direct": value, "retention_mean": value + 0.01}
+            f.write(json.dumps({**record, "group": f"t{group}"}) + "\n")
+    return rows, y
+
+
+def test_fit_writes_predictors_that_reproduce_the_measurements(tmp_path, capsys):
+    rows, y = _write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "mine.skops"
+    code = main(["fit", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--features", *FEATURES])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| direct | 80 | 3 |" in printed and "| ties | < 10 measured |" in printed
+    predictors, meta = load_predictors(out)
+    assert set(predictors) == {"direct", "mean"} and meta["trained_on"]["mean"] == 80
+    np.testing.assert_allclose(predictors["mean"].predict(rows[:5]), y[:5] + 0.01, atol=0.01)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "not found"),
+        ("bad_json", "not JSON"),
+        ("too_few", "10 or more"),
+        ("pickle_suffix", "must end in .skops"),
+    ],
+)
+def test_fit_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, capsys, setup, message):
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "out.skops"
+    if setup == "bad_json":
+        _write_pairs(pairs)
+        with open(pairs, "a") as f:
+            f.write("{not json\n")
+    elif setup == "too_few":
+        _write_pairs(pairs, n=5)
+    elif setup == "pickle_suffix":
+        _write_pairs(pairs)
+        out = tmp_path / "out.pkl"
+    code = main(["fit", str(pairs), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and err.startswith("mergeprobe fit: error:")
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_installed_command_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "mergeprobe.cli", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and "retention_direct" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "mergeprobe.cli"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2 and "COMMAND" in result.stderr
