@@ -98,7 +98,7 @@ def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
 
 def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float]]:
     """Seconds to load ``n`` store entries, and to predict against them and decide."""
-    predictors = load_predictors()
+    predictors, _ = load_predictors()
     rows = []
     for n in sizes:
         store = SignatureStore(tmp / f"decision{n}")
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--horizon", type=float, default=0.05)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--store-sizes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--store-sizes", type=int, nargs="+", default=[10, 100, 300])
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
 

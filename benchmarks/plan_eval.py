@@ -49,9 +49,11 @@ def load_config(results: Path) -> bench.BenchConfig:
     return bench.BenchConfig(**{**config, **tuples})
 
 
-def predicted_pairs(frame: pd.DataFrame, prefix: str, model: str) -> dict[str, np.ndarray]:
+def predicted_pairs(
+    frame: pd.DataFrame, prefix: str, model: str, features: list[str]
+) -> dict[str, np.ndarray]:
     """Leave-one-task-out predictions of every cross-task directed pair, per merge method."""
-    columns = [f"{prefix}_{f}" for f in DEFAULT_FEATURES if f"{prefix}_{f}" in frame.columns]
+    columns = [f"{prefix}_{f}" for f in features if f"{prefix}_{f}" in frame.columns]
     out = {}
     for method in METHODS:
         y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
@@ -152,7 +154,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--tau", type=float, default=0.9, help="the policy's threshold")
     parser.add_argument("--probe", default="p05", help="signals of the predictions (p01..final)")
-    parser.add_argument("--model", choices=("ridge", "boosting"), default="boosting")
+    parser.add_argument(
+        "--model",
+        choices=("ridge", "boosting"),
+        help="default: the model predictor_eval.py chose (predictor_eval.json), else ridge",
+    )
     args = parser.parse_args(argv)
     results, cache = Path(args.results), Path(args.cache)
     if not (results / "pairs.csv").is_file():
@@ -161,7 +167,14 @@ def main(argv=None) -> int:
     config = load_config(results)
     table = pd.read_csv(results / "pairs.csv")
     frame = table[~table.same_task].reset_index(drop=True)
-    predicted = predicted_pairs(frame, args.probe, args.model)
+    # the feature set and model that predictor_eval.py chose (and shipped), if it ran
+    features, model = list(DEFAULT_FEATURES), args.model
+    chosen = results / "predictor_eval.json"
+    if chosen.is_file():
+        report = json.loads(chosen.read_text())
+        features = report["chosen_features"]["features"]
+        model = args.model or report["chosen_model"]
+    predicted = predicted_pairs(frame, args.probe, model or "ridge", features)
     measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
 
     import transformers
@@ -221,7 +234,8 @@ def main(argv=None) -> int:
         f"Scenario per seed: one adapter per task ({len(config.tasks)} adapters, r={config.rank}). "
         f"Retention = accuracy of the served model on the member's task / the adapter alone "
         f"(measured). Plan: `Policy(tau={args.tau}).plan`, groups merged and measured. "
-        f"Predicted retentions: {args.model}, {args.probe} signals, leave-one-task-out.",
+        f"Predicted retentions: {model or 'ridge'} on {', '.join(features)} at {args.probe}, "
+        "leave-one-task-out.",
         "",
         f"| strategy | served models | mean retention | worst | members < {args.tau} | merged groups |",
         "|---|---|---|---|---|---|",

@@ -37,18 +37,11 @@ __all__ = [
 ]
 
 METHODS = ("direct", "mean", "ties", "dare")
-# Chosen by leave-one-task-out measurement on the benchmark (benchmarks/predictor_eval.py):
-# magnitude ratios and the partner's drift inside the own drift region generalise to unseen
-# tasks; direction cosines alone do not (design §3).
-DEFAULT_FEATURES = (
-    "interference_ratio_last",
-    "interference_ratio",
-    "drift_norm_ratio",
-    "update_norm_ratio",
-    "grad_norm_ratio",
-    "cka_self",
-    "cka_other",
-)
+# Chosen by leave-one-task-out measurement on the benchmark (benchmarks/predictor_eval.py,
+# results/predictor_eval.md): how far the partner moves the shared weights and hidden states,
+# and how much of that lands inside the own drift region, generalise to unseen tasks best;
+# direction cosines and per-run descriptors did not (design §3).
+DEFAULT_FEATURES = ("interference_ratio", "update_norm_other", "drift_norm_other")
 # Positive, scale-like features enter the model as logarithms: ratios are symmetric in log
 # space (2x and 0.5x are equally far from 1).
 _LOG_FEATURES = {
