@@ -129,3 +129,24 @@ def test_interference_ratio_projects_the_partner_on_own_drift_region():
     assert signals["drift_norm_ratio"] == pytest.approx(math.hypot(1.5, 4.0) / 3.0)
     # cosine of the flattened drifts: only the e0 column overlaps, <d_a, d_b> = 2 * 1.5
     assert signals["drift_cosine"] == pytest.approx(3.0 / (3.0 * math.hypot(1.5, 4.0)))
+
+
+def test_only_skips_the_costly_signals_not_asked_for_and_keeps_the_rest_exact():
+    d = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    tensors = {
+        "drift_sketch": d.unsqueeze(0),
+        "drift_norm": d.norm().reshape(1),
+        "cka": torch.tensor([0.9]),
+    }
+    a = _signature("a", {**_update(_low_rank_on([0, 1]), 1.0), **tensors})
+    b = _signature(
+        "b", {**_update(_low_rank_on([1, 2]), 2.0), **tensors, "cka": torch.tensor([0.8])}
+    )
+    full = pairwise_signals(a, b)
+    some = pairwise_signals(a, b, only={"interference_ratio", "update_norm_other"})
+    assert "update_subspace_excess" not in some and "interference_ratio_last" not in some
+    assert "update_sign_agreement" not in some
+    assert some["interference_ratio"] == full["interference_ratio"]
+    # every cheap signal is still there, with the same value
+    for name, value in some.items():
+        assert value == full[name] or (math.isnan(value) and math.isnan(full[name])), name

@@ -305,14 +305,17 @@ def predict_pairs(
     from .signals.compare import pairwise_signals
 
     probe = probe if probe is not None else signature.probes[-1]
+    # Only the signals the predictors read (and the redundancy): the costly ones are most of
+    # the time of a decision against a large store.
+    needed = {"drift_cosine"}.union(*(getattr(p, "features", ()) for p in predictors.values()))
     predictions, notes = [], []
     for other in partners:
         if other.name == signature.name:
             continue
         try:
             other_probe, used = _partner_probe(probe.fraction, other)
-            forward = pairwise_signals(signature, other, probe, other_probe)
-            backward = pairwise_signals(other, signature, other_probe, probe)
+            forward = pairwise_signals(signature, other, probe, other_probe, only=needed)
+            backward = pairwise_signals(other, signature, other_probe, probe, only=needed)
         except IncompatibleSignatureError as exc:
             notes.append({"with": other.name, "skipped": str(exc)})
             continue

@@ -8,6 +8,7 @@ signature lacks gives NaN (missing), never 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 
@@ -108,19 +109,38 @@ def _interference(d_self: torch.Tensor, d_other: torch.Tensor, energy: float = 0
     return math.sqrt(num / den) if den > 0 else NAN
 
 
+# Signals that cost a decomposition or a top-k per layer; the rest are dot products and norms.
+EXPENSIVE = frozenset(
+    {
+        "update_sign_agreement",
+        "update_subspace_excess",
+        "interference_ratio",
+        "interference_ratio_last",
+    }
+)
+
+
 def pairwise_signals(
     a: Signature,
     b: Signature,
     probe_a: Probe | float | None = None,
     probe_b: Probe | float | None = None,
+    *,
+    only: Collection[str] | None = None,
 ) -> dict[str, float]:
     """Signals of ``a`` merged with ``b`` (asymmetric: ratios are partner-to-own, b over a).
 
     ``probe_a`` / ``probe_b`` pick the probes: a ``Probe``, a fraction (last probe at or
-    before it) or ``None`` (the last probe). Raises ``IncompatibleSignatureError`` when the
-    two were made on different base models, anchor sets or sketch sizes.
+    before it) or ``None`` (the last probe). ``only`` names the signals needed: the costly
+    ones (``EXPENSIVE``) not named are left out of the result (the cheap ones are always
+    there). Raises ``IncompatibleSignatureError`` when the two were made on different base
+    models, anchor sets or sketch sizes.
     """
     check_compatible(a, b)
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     pa = probe_a if isinstance(probe_a, Probe) else a.probe(probe_a)
     pb = probe_b if isinstance(probe_b, Probe) else b.probe(probe_b)
     rows_a, rows_b, names = _shared(a, b)
@@ -146,13 +166,15 @@ def pairwise_signals(
             update_norm_ratio=_ratio(tb["update_norm"][ib], ta["update_norm"][ia]),
             update_norm_self=float(ta["update_norm"][ia].double().square().sum().sqrt()),
             update_norm_other=float(tb["update_norm"][ib].double().square().sum().sqrt()),
-            update_sign_agreement=_sign_agreement(
-                ta["update_entries"][ia], tb["update_entries"][ib]
-            ),
-            update_subspace_excess=_subspace_excess(
-                ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b
-            ),
         )
+        if wanted("update_sign_agreement"):
+            out["update_sign_agreement"] = _sign_agreement(
+                ta["update_entries"][ia], tb["update_entries"][ib]
+            )
+        if wanted("update_subspace_excess"):
+            out["update_subspace_excess"] = _subspace_excess(
+                ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b
+            )
     else:
         out.update(
             update_cosine=NAN,
@@ -187,15 +209,16 @@ def pairwise_signals(
         out.update(
             drift_cosine=total,
             drift_norm_ratio=_ratio(nb, na),
-            interference_ratio=_interference(da, db),
-            # The last hidden layer is what a task head reads; its interference alone was the
-            # strongest single early signal on the benchmark.
-            interference_ratio_last=_interference(da[-1:], db[-1:]),
             drift_norm_self=float(na.double().square().sum().sqrt()),
             drift_norm_other=float(nb.double().square().sum().sqrt()),
             cka_self=float(ta["cka"][[a.drift_layers.index(i) for i in shared_drift]].mean()),
             cka_other=float(tb["cka"][[b.drift_layers.index(i) for i in shared_drift]].mean()),
         )
+        if wanted("interference_ratio"):
+            out["interference_ratio"] = _interference(da, db)
+        if wanted("interference_ratio_last"):
+            # The last hidden layer is what a task head reads.
+            out["interference_ratio_last"] = _interference(da[-1:], db[-1:])
     else:
         out.update(
             drift_cosine=NAN,
