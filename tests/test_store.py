@@ -482,3 +482,23 @@ def test_add_adapter_without_tokenizer_skips_drift(tmp_path):
     assert "update" in signature.probes[0].families
     assert "drift" not in signature.probes[0].families
     assert signature.metadata["anchor"] is None
+
+
+def test_the_same_signature_gets_the_same_bytes_in_every_process():
+    """The store names tensor files by content hash: it must not depend on the process."""
+    import subprocess
+    import sys
+
+    code = (
+        "from tests.test_store import _signature; import hashlib; "
+        "print(hashlib.sha256(_signature('shared', seed=999).to_bytes()[0]).hexdigest())"
+    )
+    # safetensors orders its metadata map at random per process: with two keys, 8 processes
+    # agree by chance with probability 2 / 2**8.
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    digests = {run.communicate(timeout=300)[0].strip() for run in runs}
+    assert all(run.returncode == 0 for run in runs)
+    assert len(digests) == 1, digests

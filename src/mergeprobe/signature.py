@@ -111,7 +111,10 @@ class Signature:
                     "info": probe.info,
                 }
             )
-        blob = save(tensors, metadata={"format": "pt", "schema": SIGNATURE_SCHEMA})
+        # One metadata key only: safetensors writes its metadata map in a per-process random
+        # order, and the store names tensor files by the hash of these bytes, so two keys made
+        # the same signature hash differently in two processes.
+        blob = save(tensors, metadata={"schema": SIGNATURE_SCHEMA})
         document = {
             **self.metadata,
             "schema": SIGNATURE_SCHEMA,
