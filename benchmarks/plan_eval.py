@@ -107,7 +107,8 @@ def plan_groups(decisions) -> tuple[list[tuple[list[str], str]], dict[str, str]]
     return groups, pruned
 
 
-def evaluate_plan(decisions, runner, by_run) -> dict[str, float]:
+def evaluate_plan(decisions, runner, by_run) -> tuple[dict[str, float], list]:
+    """Measured retention of every adapter under the plan, and the plan's merged groups."""
     groups, pruned = plan_groups(decisions)
     retention = measure_groups(groups, runner, by_run)
     for name, twin in pruned.items():
@@ -115,7 +116,7 @@ def evaluate_plan(decisions, runner, by_run) -> dict[str, float]:
         target = by_run[name]
         merged = runner.accuracy([by_run[m] for m in members], method, target)
         retention[name] = merged / runner.accuracy([target], "direct", target)
-    return retention
+    return retention, groups
 
 
 def summarise(label: str, retention: dict[str, float], served: int, tau: float, groups: str):
@@ -214,8 +215,7 @@ def main(argv=None) -> int:
         ):
             for tau in TAUS:
                 decisions = Policy(tau=tau).plan(names, pairs)
-                retention = evaluate_plan(decisions, runner, by_run)
-                groups, _ = plan_groups(decisions)
+                retention, groups = evaluate_plan(decisions, runner, by_run)
                 summary = summarise(
                     f"{tag}: plan, {label}, tau {tau}",
                     retention,

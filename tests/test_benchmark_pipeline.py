@@ -194,12 +194,18 @@ def test_plan_evaluation_measures_every_strategy(tmp_path):
     rows = {r["strategy"]: r for r in report["rows"]}
     routed = rows["seed 0: route all"]
     assert (routed["served"], routed["mean"], routed["worst"]) == (5, 1.0, 1.0)
-    # merging all three directly: each member's measured accuracy over its accuracy alone
-    measured = bench.Measurements(root / "cache" / f"measurements-{cfg.eval_key()}.jsonl")
+    # merging all five directly, evaluated here without plan_eval's cache: W0 + the plain sum
+    # of the five ΔW, each member with its own head, over its accuracy alone
+    from transformers import AutoTokenizer
+
+    task_data = {t: bench.load_task(root / "data", t) for t in tasks}
+    adapters, _ = bench.load_adapters(cfg, root / "cache", task_data)
+    evaluator = bench.Evaluator(cfg, AutoTokenizer.from_pretrained(cfg.model), task_data)
+    evaluator.set_deltas(
+        {name: sum(a.deltas[name] for a in adapters) for name in adapters[0].deltas}
+    )
     alone = {a["run"]: a["acc_alone"] for a in results["adapters"]}
-    keys = {r: f"{r}-{cfg.train_key(r.split('-s')[0], 0)}" for r in alone}
-    members = "+".join(sorted(keys.values()))
-    expected = [measured.values[f"direct|{members}|{keys[r]}"] / alone[r] for r in alone]
+    expected = [evaluator.accuracy(a.task, a.head) / alone[a.run] for a in adapters]
     merged = rows["seed 0: merge all (direct)"]
     assert merged["served"] == 1
     assert merged["mean"] == pytest.approx(sum(expected) / 5)

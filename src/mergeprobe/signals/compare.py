@@ -139,7 +139,7 @@ def pairwise_signals(
     check_compatible(a, b)
 
     def wanted(name: str) -> bool:
-        return only is None or name in only
+        return only is None or name in only or name not in EXPENSIVE
 
     pa = probe_a if isinstance(probe_a, Probe) else a.probe(probe_a)
     pb = probe_b if isinstance(probe_b, Probe) else b.probe(probe_b)
