@@ -313,38 +313,46 @@ def main(argv=None) -> int:
     print(text)
 
     if args.ship:
-        predictors = {}
-        trained_on = {}
-        for method in METHODS:
-            target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
-            keep = ~table.same_task.to_numpy() & np.isfinite(target)
-            data = table[keep]
-            present = [c[len("p05_") :] for c in cols("p05", features)]
-            predictor = RetentionPredictor(features=tuple(present), model=best_model)
-            predictor.fit(
-                data[cols("p05", features)].set_axis(present, axis=1),
-                target[keep],
-                groups=data.self_task,
+        # Two predictor sets: one for early signatures (runs at their horizon) and one for
+        # finished adapters (``mergeprobe add``): magnitudes grow over training, so a model
+        # fitted on 5 % signals extrapolates on final ones.
+        for prefix, filename, signals in (
+            ("p05", "default_predictors.skops", "p05 (5 % of training) for both adapters"),
+            ("final", "default_predictors_final.skops", "final adapters, both sides"),
+        ):
+            predictors = {}
+            trained_on = {}
+            present = [c[len(prefix) + 1 :] for c in cols(prefix, features)]
+            for method in METHODS:
+                target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
+                keep = ~table.same_task.to_numpy() & np.isfinite(target)
+                data = table[keep]
+                predictor = RetentionPredictor(features=tuple(present), model=best_model)
+                predictor.fit(
+                    data[cols(prefix, features)].set_axis(present, axis=1),
+                    target[keep],
+                    groups=data.self_task,
+                )
+                predictors[method] = predictor
+                trained_on[method] = int(keep.sum())
+            path = ROOT / "src" / "mergeprobe" / "data" / filename
+            save_predictors(
+                predictors,
+                path,
+                {
+                    "trained_on": trained_on,
+                    "source": str(pairs_path.relative_to(ROOT))
+                    if pairs_path.is_relative_to(ROOT)
+                    else str(pairs_path),
+                    "signals": signals,
+                    "state": "final" if prefix == "final" else "early",
+                    "features": present,
+                    "feature_set": chosen_set,
+                    "tasks": sorted(table.self_task.unique()),
+                    f"loto_{prefix}": out["results"][f"{best_model}/{prefix}"],
+                },
             )
-            predictors[method] = predictor
-            trained_on[method] = int(keep.sum())
-        path = ROOT / "src" / "mergeprobe" / "data" / "default_predictors.skops"
-        save_predictors(
-            predictors,
-            path,
-            {
-                "trained_on": trained_on,
-                "source": str(pairs_path.relative_to(ROOT))
-                if pairs_path.is_relative_to(ROOT)
-                else str(pairs_path),
-                "signals": "p05 (5 % of training) for both adapters",
-                "features": present,
-                "feature_set": chosen_set,
-                "tasks": sorted(table.self_task.unique()),
-                "loto_p05": m5,
-            },
-        )
-        print(f"wrote {path}")
+            print(f"wrote {path}")
     return 0
 
 

@@ -154,3 +154,43 @@ def test_only_skips_the_costly_signals_not_asked_for_and_keeps_the_rest_exact():
     # every cheap signal is still there, with the same value
     for name, value in some.items():
         assert value == full[name] or (math.isnan(value) and math.isnan(full[name])), name
+
+
+def _random_signature(name, seed, layers, drift_layers, arch="arch"):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "update_sketch": torch.randn(len(layers), K, K, generator=g),
+        "update_norm": torch.rand(len(layers), generator=g) + 0.1,
+        "update_entries": torch.randn(len(layers), 8, generator=g),
+        # low-rank drift: the energy cut keeps a few directions, not all
+        "drift_sketch": torch.randn(len(drift_layers), 4, 2, generator=g)
+        @ torch.randn(len(drift_layers), 2, 3, generator=g),
+        "drift_norm": torch.rand(len(drift_layers), generator=g) + 0.1,
+        "cka": torch.rand(len(drift_layers), generator=g),
+    }
+    signature = _signature(name, tensors, layers, [2] * len(layers), drift_layers)
+    signature.metadata["base_model"]["architecture_fingerprint"] = arch
+    return signature
+
+
+def test_signal_matrices_equal_the_pairwise_values():
+    from mergeprobe.signals.compare import MATRIX_SIGNALS, pairwise_signal_matrices
+
+    signatures = [
+        _random_signature("a", 1, ("l0", "l1", "l2"), (1, 2)),
+        _random_signature("b", 2, ("l0", "l1"), (1, 2)),
+        _random_signature("c", 3, ("l1", "l2", "l3"), (2, 3)),
+        _random_signature("d", 4, ("l0", "l1", "l2"), (1, 2), arch="other"),
+    ]
+    matrices = pairwise_signal_matrices(signatures)
+    assert set(matrices) == MATRIX_SIGNALS
+    for i, a in enumerate(signatures):
+        for j, b in enumerate(signatures):
+            if i == j or "d" in (a.name, b.name):
+                assert all(math.isnan(float(m[i, j])) for m in matrices.values())
+                continue
+            expected = pairwise_signals(a, b)
+            for name in MATRIX_SIGNALS:
+                assert float(matrices[name][i, j]) == pytest.approx(
+                    expected[name], rel=1e-6, abs=1e-9, nan_ok=True
+                ), (a.name, b.name, name)

@@ -113,3 +113,39 @@ def test_bad_thresholds_are_refused():
         Policy(tau=0)
     with pytest.raises(InvalidParameterError, match="methods"):
         Policy(methods=("average",))
+
+
+def test_plan_by_matrices_equals_plan_by_pairs_and_builds_a_document():
+    import numpy as np
+
+    from mergeprobe.policy import build_plan
+
+    from .test_compare import _random_signature
+    from .test_decisions import FEATURES
+
+    rng = np.random.default_rng(0)
+    names = [f"s{k}" for k in range(8)]
+    signatures = [_random_signature(n, k, ("l0", "l1", "l2"), (1, 2)) for k, n in enumerate(names)]
+    from mergeprobe import RetentionPredictor
+
+    rows = [{f: float(rng.uniform(0.2, 3)) for f in FEATURES} for _ in range(40)]
+    y = np.array([0.98 - 0.05 * r["drift_norm_ratio"] for r in rows])
+    predictor = RetentionPredictor(features=FEATURES).fit(rows, y)
+    plan = build_plan(signatures, {"direct": predictor}, Policy(tau=0.9, methods=("direct",)))
+    assert plan["summary"]["adapters"] == 8 and plan["summary"]["pairs_predicted"] == 56
+    # the same plan from per-pair predictions through Policy.plan
+    from mergeprobe import pairwise_signals
+
+    pairs = []
+    for a in signatures:
+        for b in signatures:
+            if a is not b:
+                value = float(predictor.predict([pairwise_signals(a, b)])[0])
+                pairs.append(_pair(a.name, b.name, value, redundancy=0.0))
+    by_pairs = Policy(tau=0.9, methods=("direct",)).plan(names, pairs)
+    assert sorted(sorted(d.members) for d in by_pairs) == sorted(
+        sorted(s["members"]) for s in plan["served"]
+    )
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
+    for p in pairs:
+        assert table[(p.self, p.other)] == pytest.approx(p.retention_self["direct"], abs=1e-9)

@@ -9,7 +9,8 @@ from .exceptions import (
     InvalidParameterError,
     MergeprobeError,
 )
-from .policy import Decision, PairPrediction, Policy, predict_pairs
+from .merge import apply_plan, load_served_model
+from .policy import Decision, PairPrediction, Policy, build_plan, predict_pairs
 from .predictor import (
     RetentionPredictor,
     UnsafePredictorError,
@@ -38,10 +39,13 @@ __all__ = [
     "SignatureStore",
     "UnsafePredictorError",
     "__version__",
+    "apply_plan",
+    "build_plan",
     "check_compatible",
     "decision_log_schema",
     "fit",
     "load_predictors",
+    "load_served_model",
     "pairwise_signals",
     "predict_pairs",
     "read_log",

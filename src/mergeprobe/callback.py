@@ -480,6 +480,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             created=utc_now(),
             training={
                 "max_steps": state.max_steps,
+                "output_dir": str(Path(args.output_dir).resolve()) if args.output_dir else None,
                 "horizon": self.horizon,
                 "horizon_steps": self.horizon_steps,
                 "probe_steps": self.probe_steps,

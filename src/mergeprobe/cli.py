@@ -1,5 +1,9 @@
 """The ``mergeprobe`` command.
 
+    mergeprobe add ADAPTER... --store S [--base MODEL]
+    mergeprobe plan --store S [--names A B ...] [--tau 0.9] --out plan.json
+    mergeprobe apply plan.json --out DIR [--base MODEL] [--adapter NAME=PATH ...] [--rank R]
+    mergeprobe report LOG_OR_PLAN [--plot heatmap.png]
     mergeprobe fit PAIRS.jsonl --out predictors.skops [--model ridge] [--features a b ...]
 
 Each subcommand is a thin layer over the public API: it checks its arguments, prints what it
@@ -9,8 +13,11 @@ did, and exits nonzero with a one-line message (never a traceback) on bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +65,160 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add(args: argparse.Namespace) -> int:
+    from .probe import signature_of_adapter
+    from .store import SignatureStore, sanitize_name
+
+    paths = [Path(p) for p in args.adapters]
+    for path in paths:
+        if not (path / "adapter_config.json").is_file():
+            raise _CommandError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if args.name and len(paths) > 1:
+        raise _CommandError("--name needs exactly one adapter")
+    names = [sanitize_name(args.name or p.absolute().name) for p in paths]
+    if len(set(names)) != len(names):
+        raise _CommandError(
+            f"two adapters would get the same name: {names}; add them one by one with --name"
+        )
+    store = SignatureStore(args.store)
+    taken = [n for n in names if n in store]
+    if taken and not args.replace:
+        raise _CommandError(
+            f"{args.store} already has {', '.join(taken)}; pass --replace to overwrite"
+        )
+    # Every signature is computed before any is written: a bad adapter leaves the store as it was.
+    signatures = []
+    for k, (path, name) in enumerate(zip(paths, names, strict=True), 1):
+        print(f"[{k}/{len(paths)}] measuring {path} ...", flush=True)
+        signatures.append(signature_of_adapter(path, name=name, base_model=args.base))
+    for signature in signatures:
+        store.save(signature)
+        meta = signature.metadata
+        print(
+            f"added {signature.name}: {len(meta.get('layers', []))} LoRA layers, "
+            f"{len(meta.get('drift_layers', []))} drift layers, base "
+            f"{(meta.get('base_model') or {}).get('name_or_path')}"
+        )
+    print(f"{args.store}: {len(store)} signature(s)")
+    return 0
+
+
+def _write_json(path: Path, document) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .policy import Policy, build_plan, plan_state
+    from .predictor import load_predictors
+    from .report import plan_table
+    from .store import SignatureStore
+
+    if not Path(args.store).is_dir():
+        raise _CommandError(f"store {args.store} not found")
+    store = SignatureStore(args.store)
+    available = store.names()
+    names = args.names or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise _CommandError(f"not in {args.store}: {', '.join(unknown)}")
+    if len(names) < 2:
+        raise _CommandError(f"a plan needs at least two adapters; {args.store} has {len(names)}")
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise _CommandError(f"--out must end in .json; got {out}")
+    signatures = [store.load(n) for n in names]
+    state = plan_state(signatures)
+    predictors, meta = load_predictors(args.predictor, state=state)
+    policy = Policy(
+        tau=args.tau, prune_similarity=args.prune_similarity, methods=tuple(args.methods)
+    )
+    plan = build_plan(
+        signatures,
+        predictors,
+        policy,
+        predictor_info={"name": str(args.predictor or f"default ({state})"), **meta},
+        progress=True,
+    )
+    _write_json(out, plan)
+    print("\n".join(plan_table(plan)))
+    print(f"\nplan written to {out}; carry it out with: mergeprobe apply {out} --out DIR")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from .merge import apply_plan
+
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise _CommandError(f"plan {plan_path} not found")
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise _CommandError(f"{plan_path} is not JSON ({exc})") from exc
+    overrides = {}
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise _CommandError(f"--adapter takes NAME=PATH; got {item!r}")
+        overrides[name] = path
+    manifest = apply_plan(
+        plan,
+        args.out,
+        base_model=args.base,
+        adapter_paths=overrides,
+        rank=args.rank,
+        density=args.density,
+        seed=args.seed,
+        progress=True,
+    )
+    for name, model in manifest["models"].items():
+        what = (
+            model["kind"]
+            if model["kind"] == "route"
+            else f"{model['kind']} ({model['method']}, rank {model['rank']})"
+        )
+        print(f"{name}: {what}: {', '.join(model['members'])}")
+    print(
+        f"\n{len(manifest['models'])} served model(s) for {len(manifest['routes'])} adapter(s) in {args.out}"
+    )
+    print(f"routing manifest: {Path(args.out) / 'routing.json'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import decisions_table, load_report_source, plan_table, plot_retention_heatmap
+
+    kind, source = load_report_source(args.source)
+    lines = plan_table(source) if kind == "plan" else decisions_table(source)
+    print("\n".join(lines))
+    if args.plot:
+        path = plot_retention_heatmap(source, args.plot, kind=kind, method=args.method)
+        print(f"\nheatmap written to {path}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Errors only from transformers: a command prints its own progress and results."""
+    import warnings
+
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .predictor import DEFAULT_FEATURES
 
@@ -97,12 +258,97 @@ def build_parser() -> argparse.ArgumentParser:
         "'' for none (default: group)",
     )
     fit.set_defaults(handler=_fit)
+
+    add = commands.add_parser(
+        "add",
+        help="add signatures of finished PEFT adapters to a store",
+        description="Measure finished LoRA adapters (update and drift signals on the anchor "
+        "set) and add their signatures to a store, so runs and plans can compare with them.",
+    )
+    add.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter directories")
+    add.add_argument("--store", required=True, help="signature store directory")
+    add.add_argument(
+        "--base", help="base model path or name (default: base_model_name_or_path of each adapter)"
+    )
+    add.add_argument("--name", help="entry name (one adapter only; default: directory name)")
+    add.add_argument("--replace", action="store_true", help="overwrite entries of the same name")
+    add.set_defaults(handler=_add)
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict every pair in a store and group the adapters",
+        description="Predict the retention of every pair of adapters in a store and group "
+        "them into as few served models as keep every member at or above tau.",
+    )
+    plan.add_argument("--store", required=True, help="signature store directory")
+    plan.add_argument("--names", nargs="+", metavar="NAME", help="entries to plan (default: all)")
+    plan.add_argument(
+        "--tau", type=float, default=0.9, help="smallest acceptable retention (default: 0.9)"
+    )
+    plan.add_argument(
+        "--prune-similarity",
+        type=float,
+        default=0.9,
+        help="drift cosine that makes two adapters redundant (default: 0.9)",
+    )
+    plan.add_argument(
+        "--methods",
+        nargs="+",
+        default=["direct", "mean", "ties", "dare"],
+        choices=["direct", "mean", "ties", "dare"],
+        help="merge methods in order of preference",
+    )
+    plan.add_argument("--predictor", help="predictor file (.skops; default: the shipped one)")
+    plan.add_argument("--out", required=True, help="plan file to write (.json)")
+    plan.set_defaults(handler=_plan)
+
+    apply = commands.add_parser(
+        "apply",
+        help="write the merged PEFT adapters of a plan and a routing manifest",
+        description="Carry out a plan: one PEFT adapter directory per served model (exact "
+        "ΔW sum by rank concatenation, or SVD-factored TIES / DARE), each member's task head, "
+        "routed adapters copied, routing.json, mergekit configs and PEFT calls.",
+    )
+    apply.add_argument("plan", help="plan file from mergeprobe plan")
+    apply.add_argument("--out", required=True, help="output directory (must not exist)")
+    apply.add_argument("--base", help="base model path or name (default: the plan's)")
+    apply.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=PATH",
+        help="adapter directory of a plan entry (default: the path its signature recorded)",
+    )
+    apply.add_argument(
+        "--rank", type=int, help="rank budget per layer (truncated SVD; default: exact)"
+    )
+    apply.add_argument(
+        "--density", type=float, help="TIES / DARE kept fraction (default 0.2 / 0.5)"
+    )
+    apply.add_argument("--seed", type=int, default=0, help="seed of DARE's masks (default: 0)")
+    apply.set_defaults(handler=_apply)
+
+    report = commands.add_parser(
+        "report",
+        help="tables of a decision log or a plan, and a heatmap",
+        description="Print the decisions of a JSONL decision log, or the groups of a plan, "
+        "as tables; --plot draws the predicted pairwise retention (needs matplotlib).",
+    )
+    report.add_argument("source", metavar="LOG_OR_PLAN", help="mergeprobe.jsonl or plan.json")
+    report.add_argument("--plot", metavar="PNG", help="write a heatmap of predicted retention")
+    report.add_argument(
+        "--method",
+        default="direct",
+        choices=["direct", "mean", "ties", "dare"],
+        help="merge method of the heatmap",
+    )
+    report.set_defaults(handler=_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.handler(args)
     except (_CommandError, MergeprobeError, OSError) as exc:

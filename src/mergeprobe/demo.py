@@ -52,6 +52,7 @@ from transformers import (
 
 from .callback import MergeProbeCallback
 from .decision_log import read_log
+from .report import decisions_table
 from .signals.compare import pairwise_signals
 from .signature import Probe, Signature
 from .store import SignatureStore
@@ -383,23 +384,9 @@ def print_decisions(results: Sequence[RunResult]) -> None:
         "\nDecisions at the horizon (each run against the runs already in the store; "
         "R = predicted retention,\nself | partner, with the interval of self's):"
     )
-    print(f"  {'run':<18} {'decision':<9} {'partner':<18} {'R self':>7} {'R partner':>9}  interval")
-    for result in results:
-        decisions = [r for r in read_log(result.log_path) if r["event"] == "decision"]
-        if not decisions:
-            print(f"  {result.name:<18} (no decision record)")
-            continue
-        record = decisions[-1]
-        pairs = record.get("pairs") or [{}]
-        for k, pair in enumerate(pairs):
-            interval = pair.get("interval")
-            span = f"[{fmt(interval[0])}, {fmt(interval[1])}]" if interval else ""
-            print(
-                f"  {result.name if k == 0 else '':<18} {record['decision'] if k == 0 else '':<9} "
-                f"{pair.get('with', '—'):<18} {fmt(pair.get('retention_self')):>7} "
-                f"{fmt(pair.get('retention_other')):>9}  {span}"
-            )
-        print(f"  {'':<18} reason: {record['reasons'][0]}")
+    records = [r for result in results for r in read_log(result.log_path)]
+    for line in decisions_table(records):
+        print("  " + line)
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -8,14 +8,26 @@ dense ΔW, never on the factors.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from peft.utils import merge_utils
 
 from .adapters import find_lora_layers
 from .exceptions import InvalidParameterError
+
+logger = logging.getLogger(__name__)
 
 MergeMethod = Literal["direct", "mean", "ties", "dare"]
 MERGE_METHODS: tuple[str, ...] = ("direct", "mean", "ties", "dare")
@@ -86,3 +98,546 @@ def merge_deltas(
             else:
                 merged[layer] = merge_utils.dare_linear(tensors, w, density=density)
     return merged
+
+
+# -- merged PEFT adapters on disk ---------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
+# Keys a plain LoRA never has: their update is not s·B·A, so no exact ΔW sum exists.
+_UNMERGEABLE = {
+    "lora_magnitude_vector": "DoRA (a magnitude vector rescales W0 + ΔW per column)",
+    "lora_embedding_A": "embedding LoRA",
+    "lora_embedding_B": "embedding LoRA",
+    "lora_B.bias": "lora_bias=True",
+}
+
+
+@dataclass
+class AdapterWeights:
+    """A saved LoRA adapter read from disk: its config, factors with their scales, and the
+    non-LoRA tensors it carries (task heads, ``modules_to_save``), keys as saved."""
+
+    path: Path
+    config: Any
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    extras: dict[str, torch.Tensor]
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {module: int(a.shape[0]) for module, (a, _, _) in self.factors.items()}
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterWeights:
+    """Read a PEFT LoRA adapter directory without loading its base model.
+
+    Scales follow PEFT: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), per module from
+    ``rank_pattern`` / ``alpha_pattern`` where they match. Raises ``InvalidParameterError`` for
+    a directory that is not a LoRA adapter, a pickle weight file, or a variant whose update is
+    not ``s·B·A`` (DoRA, embedding LoRA, LoRA bias).
+    """
+    from peft import PeftConfig
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise InvalidParameterError(
+            f"{path} is not a PEFT adapter directory (no adapter_config.json)"
+        )
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise InvalidParameterError(
+                f"{path} holds its weights as adapter_model.bin, a pickle; mergeprobe never loads "
+                "pickles. Save it again with save_pretrained(..., safe_serialization=True)."
+            )
+        raise InvalidParameterError(f"{path} has no adapter_model.safetensors")
+    config = PeftConfig.from_pretrained(str(path))
+    peft_type = str(getattr(getattr(config, "peft_type", None), "value", config.peft_type))
+    if peft_type != "LORA":
+        raise InvalidParameterError(f"{path} is a {peft_type} adapter; mergeprobe merges LoRA only")
+    if getattr(config, "use_dora", False):
+        raise InvalidParameterError(
+            f"{path} is a DoRA adapter: its update is not s·B·A, so it has no exact ΔW sum; "
+            "serve it separately (route)"
+        )
+    tensors = load_file(str(weights_file))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        for marker, what in _UNMERGEABLE.items():
+            if marker in key:
+                raise InvalidParameterError(
+                    f"{path} is a {what} adapter ({key}): it has no exact ΔW sum; route it"
+                )
+        match = _LORA_KEY.match(key)
+        if match is None:
+            extras[key] = tensor
+            continue
+        if tensor.ndim != 2:
+            raise InvalidParameterError(f"{path}: {key} is not a linear LoRA factor (conv LoRA?)")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    factors = {}
+    for module, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise InvalidParameterError(f"{path}: module {module} lacks lora_{'AB'[len(ab) % 2]}")
+        r = int(ab["A"].shape[0])
+        alpha_key = get_pattern_key(list(config.alpha_pattern or {}), module)
+        alpha = float((config.alpha_pattern or {}).get(alpha_key, config.lora_alpha))
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        factors[module] = (ab["A"], ab["B"], scale)
+    if not factors:
+        raise InvalidParameterError(f"{path} holds no LoRA factors")
+    return AdapterWeights(path, config, factors, extras)
+
+
+def _svd_factors(
+    left: torch.Tensor, right: torch.Tensor, rank: int | None, tol: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A the best rank-``rank`` approximation of left @ right (exact rank when
+    ``rank`` is None), through QR of the factors: never an SVD of the full matrix."""
+    q_l, r_l = torch.linalg.qr(left.double())
+    q_r, r_r = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
+    keep = int((s > tol * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+    if rank is not None:
+        keep = min(keep, rank)
+    keep = max(keep, 1)
+    root = s[:keep].sqrt()
+    b = (q_l @ u[:, :keep]) * root
+    a = root[:, None] * (vh[:keep] @ q_r.T)
+    return b.float(), a.float()
+
+
+def _factor_dense(dense: torch.Tensor, rank: int | None, tol: float = 1e-6):
+    """(B, A) from the SVD of a dense ΔW: exact rank when ``rank`` is None."""
+    u, s, vh = torch.linalg.svd(dense.double(), full_matrices=False)
+    keep = int((s > tol * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+    keep = max(min(keep, rank) if rank is not None else keep, 1)
+    root = s[:keep].sqrt()
+    return (u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float()
+
+
+def merge_adapters(
+    adapters: Sequence[AdapterWeights],
+    method: MergeMethod = "direct",
+    weights: Sequence[float] | None = None,
+    *,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Merged LoRA factors ``{module: (A, B)}`` with scale 1: ``B @ A`` is the merged ΔW.
+
+    ``direct`` / ``mean`` concatenate the members' ranks, exact (PEFT's ``cat``, with the
+    scales folded into A); ``rank`` then keeps the top ``rank`` singular directions of the
+    exact sum. ``ties`` / ``dare`` work on the dense ΔW of each layer (PEFT ``merge_utils``)
+    and factor the result by SVD (exact when ``rank`` is None). Layers only some members
+    have are merged over those.
+    """
+    n = len(adapters)
+    if n == 0:
+        raise InvalidParameterError("merge_adapters needs at least one adapter")
+    if method not in MERGE_METHODS:
+        raise InvalidParameterError(
+            f"The 'method' parameter must be one of {MERGE_METHODS}. Got {method!r} instead."
+        )
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise InvalidParameterError(f"rank must be a positive integer or None; got {rank!r}")
+    coefficients = (
+        [1.0 / n] * n if method == "mean" else [1.0] * n if weights is None else list(weights)
+    )
+    if len(coefficients) != n:
+        raise InvalidParameterError(f"{n} adapters but {len(coefficients)} weights")
+    _check_same_layout(adapters)
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in sorted({m for a in adapters for m in a.factors}):
+        members = [
+            (a.factors[module], w)
+            for a, w in zip(adapters, coefficients, strict=True)
+            if module in a.factors
+        ]
+        if method in ("direct", "mean"):
+            right = torch.cat([float(w) * s * a.float() for (a, _, s), w in members], dim=0)
+            left = torch.cat([b.float() for (_, b, _), _ in members], dim=1)
+            if rank is not None and rank < left.shape[1]:
+                left, right = _svd_factors(left, right, rank)
+            merged[module] = (right, left)
+        else:
+            dense = merge_deltas(
+                [{module: s * b.float() @ a.float()} for (a, b, s), _ in members],
+                method,
+                [w for _, w in members],
+                density=density,
+                seed=seed,
+            )[module]
+            left, right = _factor_dense(dense, rank)
+            merged[module] = (right, left)
+    return merged
+
+
+def _check_same_layout(adapters: Sequence[AdapterWeights]) -> None:
+    """Raise when the adapters cannot share one base: other shapes or weight layouts."""
+    layouts = {bool(getattr(a.config, "fan_in_fan_out", False)) for a in adapters}
+    if len(layouts) > 1:
+        raise InvalidParameterError("adapters disagree on fan_in_fan_out; they cannot be merged")
+    for module in sorted({m for a in adapters for m in a.factors}):
+        shapes = {
+            (a.factors[module][1].shape[0], a.factors[module][0].shape[1])
+            for a in adapters
+            if module in a.factors
+        }
+        if len(shapes) > 1:
+            raise InvalidParameterError(
+                f"module {module} has different shapes across adapters ({sorted(shapes)}): "
+                "they were trained on different base models"
+            )
+    bases = {a.config.base_model_name_or_path for a in adapters} - {None, ""}
+    if len(bases) > 1:
+        logger.warning(
+            "mergeprobe: the adapters name different base models (%s); merging them assumes "
+            "the same weights under different names",
+            ", ".join(sorted(bases)),
+        )
+
+
+def save_merged_adapter(
+    merged: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    template: AdapterWeights,
+    out: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write merged factors as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Every module gets the same rank (the largest; smaller ones are zero-padded, which changes
+    no product) and ``lora_alpha = r``, so the scale is 1 and no ``rank_pattern`` is needed.
+    The directory is written next to ``out`` and renamed into place: never half-written.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        raise InvalidParameterError(f"{out} already exists; choose a new output directory")
+    r = max(a.shape[0] for a, _ in merged.values())
+    state: dict[str, torch.Tensor] = {}
+    for module, (a, b) in merged.items():
+        pad = r - a.shape[0]
+        if pad:
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        state[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        state[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    state.update(extras or {})
+    config = dataclasses.replace(
+        template.config,
+        r=r,
+        lora_alpha=r,
+        rank_pattern={},
+        alpha_pattern={},
+        use_rslora=False,
+        use_dora=False,
+        target_modules=sorted(merged),
+        layers_to_transform=None,
+        layers_pattern=None,
+        modules_to_save=None,
+        inference_mode=True,
+        init_lora_weights=True,
+        # Task heads live apart (one per member); with a task type PEFT would expect one head
+        # inside the adapter.
+        task_type=None,
+        base_model_name_or_path=base_model or template.config.base_model_name_or_path,
+    )
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+ROUTING_SCHEMA = "mergeprobe.routing/1"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
+def _check_plan(plan: Mapping[str, Any]) -> None:
+    from .policy import PLAN_SCHEMA
+
+    if not isinstance(plan, Mapping) or plan.get("schema") != PLAN_SCHEMA:
+        raise InvalidParameterError(
+            f"not a mergeprobe plan (expected schema {PLAN_SCHEMA!r}, got "
+            f"{plan.get('schema') if isinstance(plan, Mapping) else type(plan).__name__!r})"
+        )
+    for key in ("served", "pruned", "adapters"):
+        if key not in plan:
+            raise InvalidParameterError(f"the plan has no {key!r} entry")
+
+
+def _resolve_paths(
+    plan: Mapping[str, Any], adapter_paths: Mapping[str, str | os.PathLike] | None
+) -> dict[str, Path]:
+    needed = [m for served in plan["served"] for m in served["members"]]
+    paths, missing = {}, []
+    for name in needed:
+        given = (adapter_paths or {}).get(name) or (plan["adapters"].get(name) or {}).get("path")
+        if not given:
+            missing.append(name)
+            continue
+        path = Path(given)
+        if not (path / "adapter_config.json").is_file():
+            raise InvalidParameterError(
+                f"adapter {name!r}: {path} is not a PEFT adapter directory (no adapter_config.json)"
+            )
+        paths[name] = path
+    if missing:
+        raise InvalidParameterError(
+            "the plan knows no adapter directory for "
+            + ", ".join(missing)
+            + "; give them as NAME=PATH (adapter_paths / --adapter)"
+        )
+    return paths
+
+
+def apply_plan(
+    plan: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    adapter_paths: Mapping[str, str | os.PathLike] | None = None,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Carry out a plan (``build_plan``): one PEFT adapter directory per served model.
+
+    Merged groups are written with ``merge_adapters`` (exact ΔW sum by rank concatenation for
+    ``direct`` and ``mean``, SVD-factored dense TIES / DARE), each member's task head under
+    ``heads/``; routed adapters are copied as they are. ``routing.json`` says which served
+    model (and head) answers for every adapter, pruned ones included, and ``mergekit/`` and
+    ``peft_merge.py`` give the same merges as mergekit configs and PEFT calls.
+    Everything is written to a temporary directory renamed to ``out`` at the end.
+    """
+    _check_plan(plan)
+    out = Path(out)
+    if out.exists():
+        raise InvalidParameterError(f"{out} already exists; choose a new output directory")
+    paths = _resolve_paths(plan, adapter_paths)
+    base = base_model or ((plan.get("base_model") or {}).get("name_or_path"))
+    # Read and check every merged group first: a bad group fails before anything is written.
+    groups: dict[str, list[AdapterWeights]] = {}
+    for served in plan["served"]:
+        if served["decision"] != "route" and len(served["members"]) > 1:
+            groups[served["name"]] = [read_adapter(paths[m]) for m in served["members"]]
+            _check_same_layout(groups[served["name"]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    models: dict[str, Any] = {}
+    routes: dict[str, Any] = {}
+    served_list = list(plan["served"])
+    if progress:
+        from tqdm.auto import tqdm
+
+        served_list = tqdm(served_list, desc="writing served models", unit="model")
+    try:
+        for served in served_list:
+            name, members = served["name"], list(served["members"])
+            target = tmp / name
+            if served["decision"] == "route" or len(members) == 1:
+                target.mkdir()
+                for file in _ADAPTER_FILES:
+                    if (paths[members[0]] / file).is_file():
+                        shutil.copy2(paths[members[0]] / file, target / file)
+                models[name] = {
+                    "path": name,
+                    "kind": "route",
+                    "members": members,
+                    "task_type": _task_type(read_adapter_config(paths[members[0]])),
+                }
+                routes[members[0]] = {"model": name, "head": None}
+                continue
+            method = served.get("method") or "direct"
+            weights_map = served.get("weights") or {}
+            weights = [float(weights_map.get(m, 1.0)) for m in members]
+            adapters = groups.pop(name)  # freed once written
+            merged = merge_adapters(
+                adapters, method, weights, rank=rank, density=density, seed=seed
+            )
+            save_merged_adapter(merged, adapters[0], target, base_model=base)
+            heads = {}
+            for member, adapter in zip(members, adapters, strict=True):
+                if adapter.extras:
+                    from safetensors.torch import save_file
+
+                    (target / "heads").mkdir(exist_ok=True)
+                    head = f"{name}/heads/{member}.safetensors"
+                    save_file(
+                        {k: v.contiguous() for k, v in adapter.extras.items()}, str(tmp / head)
+                    )
+                    heads[member] = head
+                routes[member] = {"model": name, "head": heads.get(member)}
+            models[name] = {
+                "path": name,
+                "kind": served["decision"],
+                "method": method,
+                "members": members,
+                "weights": dict(zip(members, weights, strict=True)),
+                "rank": max(a.shape[0] for a, _ in merged.values()),
+                "rank_budget": rank,
+                "task_type": _task_type(adapters[0].config),
+                "predicted": served.get("predicted"),
+            }
+        for entry in plan["pruned"]:
+            twin_route = routes.get(entry["served_by"])
+            if twin_route is not None:
+                routes[entry["name"]] = {**twin_route, "pruned_in_favour_of": entry["served_by"]}
+        manifest = {
+            "schema": ROUTING_SCHEMA,
+            "base_model": base,
+            "models": models,
+            "routes": routes,
+        }
+        (tmp / "routing.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "mergekit").mkdir()
+        for name, text in plan_to_mergekit(plan, paths, base).items():
+            (tmp / "mergekit" / f"{name}.yaml").write_text(text)
+        (tmp / "peft_merge.py").write_text(plan_to_peft_calls(plan, paths, base))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+_MERGEKIT_METHOD = {
+    "direct": "task_arithmetic",
+    "mean": "task_arithmetic",
+    "ties": "ties",
+    "dare": "dare_linear",
+}
+
+
+def plan_to_mergekit(
+    plan: Mapping[str, Any], paths: Mapping[str, Path], base: str | None
+) -> dict[str, str]:
+    """One mergekit YAML per merged group (``base+lora`` references; mergekit merges the
+    dense weights and writes a full model, not an adapter)."""
+    configs = {}
+    for served in plan["served"]:
+        if served["decision"] == "route" or len(served["members"]) < 2:
+            continue
+        method = served.get("method") or "direct"
+        weights = served.get("weights") or {}
+        lines = [
+            f"# mergeprobe plan: {served['decision']} {', '.join(served['members'])}",
+            f"merge_method: {_MERGEKIT_METHOD[method]}",
+            f"base_model: {json.dumps(str(base))}",
+            "models:",
+        ]
+        for member in served["members"]:
+            lines.append(f"  - model: {json.dumps(f'{base}+{paths[member]}')}")
+            lines.append("    parameters:")
+            lines.append(f"      weight: {float(weights.get(member, 1.0))!r}")
+            if method in DEFAULT_DENSITY:
+                lines.append(f"      density: {DEFAULT_DENSITY[method]!r}")
+        # mergekit normalises TIES / DARE weights by default; the plan's predictions are for
+        # the plain weighted sum, as PEFT's merge_utils computes it.
+        lines += ["parameters:", "  normalize: false", "dtype: float32", ""]
+        configs[served["name"]] = "\n".join(lines)
+    return configs
+
+
+_PEFT_COMBINATION = {"direct": "cat", "mean": "cat", "ties": "ties_svd", "dare": "dare_linear_svd"}
+
+
+def plan_to_peft_calls(plan: Mapping[str, Any], paths: Mapping[str, Path], base: str | None) -> str:
+    """The plan's merges as PEFT ``add_weighted_adapter`` calls (a script to read or run)."""
+    lines = [
+        '"""The merges of a mergeprobe plan as PEFT calls. `cat` is the exact ΔW sum;',
+        "the *_svd types merge dense ΔW and refactor it. Each task keeps its own head.",
+        '"""',
+        "from peft import PeftModel",
+        "from transformers import AutoModel",
+        "",
+        f"base = AutoModel.from_pretrained({str(base)!r})  # use your task's Auto class",
+    ]
+    first = True
+    for served in plan["served"]:
+        if served["decision"] == "route" or len(served["members"]) < 2:
+            continue
+        members = served["members"]
+        method = served.get("method") or "direct"
+        weights = served.get("weights") or {}
+        for member in members:
+            if first:
+                lines.append(
+                    f"model = PeftModel.from_pretrained(base, {str(paths[member])!r}, "
+                    f"adapter_name={member!r})"
+                )
+                first = False
+            else:
+                lines.append(f"model.load_adapter({str(paths[member])!r}, adapter_name={member!r})")
+        extra = f", density={DEFAULT_DENSITY[method]!r}" if method in DEFAULT_DENSITY else ""
+        lines.append(
+            f"model.add_weighted_adapter({members!r}, "
+            f"{[float(weights.get(m, 1.0)) for m in members]!r}, adapter_name={served['name']!r}, "
+            f"combination_type={_PEFT_COMBINATION[method]!r}{extra})"
+        )
+    if first:
+        lines.append("# the plan merges nothing: every adapter is served as it is")
+    return "\n".join(lines) + "\n"
+
+
+def load_served_model(served_dir: str | os.PathLike, adapter: str, *, base_model=None, **kwargs):
+    """The model that serves ``adapter`` in an ``apply_plan`` output: the base with its merged
+    (or routed) PEFT adapter and the adapter's own task head."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from .probe import _load_peft_model
+
+    served_dir = Path(served_dir)
+    manifest_path = served_dir / "routing.json"
+    if not manifest_path.is_file():
+        raise InvalidParameterError(f"{served_dir} has no routing.json; is it an apply output?")
+    manifest = json.loads(manifest_path.read_text())
+    route = manifest["routes"].get(adapter)
+    if route is None:
+        raise InvalidParameterError(
+            f"{adapter!r} is not served by {served_dir} (it serves {sorted(manifest['routes'])})"
+        )
+    model_dir = served_dir / manifest["models"][route["model"]]["path"]
+    head = load_file(str(served_dir / route["head"])) if route.get("head") else None
+    base = base_model if base_model is not None else manifest.get("base_model")
+    if isinstance(base, PeftModel):
+        raise InvalidParameterError("base_model must be the bare base model, not a PeftModel")
+    entry = manifest["models"][route["model"]]
+    model, _ = _load_peft_model(
+        model_dir, base, head_tensors=head, task_type=entry.get("task_type"), **kwargs
+    )
+    if head is not None:
+        bare = model.get_base_model()
+        state = {k.removeprefix("base_model.model."): v for k, v in head.items()}
+        result = bare.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise InvalidParameterError(
+                f"the head of {adapter!r} does not fit the base model: {result.unexpected_keys}"
+            )
+    model.eval()
+    return model
+
+
+def read_adapter_config(path: str | os.PathLike):
+    """The PEFT config of an adapter directory."""
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(path))
+
+
+def _task_type(config) -> str | None:
+    task = getattr(config, "task_type", None)
+    return str(getattr(task, "value", task)) if task else None

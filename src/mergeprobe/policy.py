@@ -12,10 +12,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .exceptions import InvalidParameterError
+import numpy as np
+
+from .exceptions import InvalidParameterError, MergeprobeError
 from .predictor import METHODS, set_retention
 
-__all__ = ["Decision", "PairPrediction", "Policy", "predict_pairs"]
+__all__ = ["PLAN_SCHEMA", "Decision", "PairPrediction", "Policy", "build_plan", "predict_pairs"]
 
 DECISIONS = ("merge", "reweight", "prune", "route")
 
@@ -184,95 +186,150 @@ class Policy:
         existing group and method whose worst member stays highest, if that is ≥ tau.
         Pairs missing a prediction count as incompatible.
         """
-        table: dict[tuple[str, str], PairPrediction] = {}
-        for p in pairs:
-            table[(p.self, p.other)] = p
         names = list(dict.fromkeys(names))
+        index = {n: i for i, n in enumerate(names)}
+        n = len(names)
+        retention = {m: np.full((n, n), -np.inf) for m in self.methods}
+        redundancy = np.full((n, n), np.nan)
+        for p in pairs:
+            if p.self not in index or p.other not in index:
+                continue
+            i, j = index[p.self], index[p.other]
+            for m in self.methods:
+                if m in p.retention_self:
+                    retention[m][i, j] = p.retention_self[m]
+            redundancy[i, j] = p.redundancy
+        return self.plan_matrix(names, retention, redundancy)
+
+    def plan_matrix(
+        self,
+        names: Sequence[str],
+        retention: Mapping[str, Any],
+        redundancy: Any,
+    ) -> list[Decision]:
+        """``plan`` on matrices: ``retention[m][i, j]`` is ``R_{i|j}`` under method ``m``
+        (``-inf`` or NaN where not predicted), ``redundancy[i, j]`` the drift cosine.
+
+        Vectorised over groups, so a thousand adapters plan in seconds.
+        """
+        names = list(names)
+        n = len(names)
+        # damage[m][i, j] = 1 - R_{i|j}; a missing prediction is an infinite damage
+        damage = {}
+        for m in self.methods:
+            r = np.asarray(retention.get(m, np.full((n, n), -np.inf)), dtype=float)
+            damage[m] = np.where(np.isfinite(r), 1.0 - r, np.inf)
+        similar = np.asarray(redundancy, dtype=float)
+        similar = np.where(np.isfinite(similar), similar, -np.inf)
+        similar = np.maximum(similar, similar.T)  # either direction's record counts
+
         # An adapter is pruned only in favour of one that is kept, so no chain a -> b -> c
         # leaves a task without a served model.
-        keep: list[str] = []
-        pruned: dict[str, tuple[str, float]] = {}
-        for n in names:
-            twins = [
-                (p.redundancy, k)
-                for k in keep
-                if (p := table.get((n, k)) or table.get((k, n))) is not None
-                and p.redundancy >= self.prune_similarity
-            ]
-            if twins:
-                similarity, twin = max(twins)
-                pruned[n] = (twin, similarity)
-            else:
-                keep.append(n)
+        keep: list[int] = []
+        pruned: dict[int, tuple[int, float]] = {}
+        for i in range(n):
+            if keep:
+                row = similar[i, keep]
+                k = int(np.argmax(row))
+                if row[k] >= self.prune_similarity:
+                    pruned[i] = (keep[k], float(row[k]))
+                    continue
+            keep.append(i)
 
-        def r(a: str, b: str, method: str) -> float:
-            p = table.get((a, b))
-            return p.retention_self.get(method, -math.inf) if p is not None else -math.inf
+        first = np.asarray(retention.get(self.methods[0], np.full((n, n), -np.inf)), float)
+        kept = np.array(keep, dtype=int)
 
-        def set_values(group: Sequence[str], method: str) -> list[float]:
-            return [set_retention([r(a, b, method) for b in group if b != a]) for a in group]
+        def hardness(i: int) -> float:
+            values = first[i, kept[kept != i]]
+            finite = values[np.isfinite(values)]
+            return float(finite.mean()) if finite.size else -math.inf
 
-        def hardness(n: str) -> float:
-            values = [r(n, m, self.methods[0]) for m in keep if m != n]
-            finite = [v for v in values if math.isfinite(v)]
-            return sum(finite) / len(finite) if finite else -math.inf
-
-        groups: list[tuple[list[str], str]] = []
-        for n in sorted(keep, key=hardness):
+        order = sorted(keep, key=hardness)  # stable: ties keep the input order
+        group_of = np.full(n, -1)
+        # current set retention of each placed adapter under each method (additive damages)
+        current = {m: np.ones(n) for m in self.methods}
+        group_methods: list[str] = []
+        group_members: list[list[int]] = []
+        for i in order:
+            placed = np.flatnonzero(group_of >= 0)
             best = None
-            for k, (members, _) in enumerate(groups):
-                for method in self.methods:
-                    low = min(set_values([*members, n], method))
-                    if low >= self.tau and (best is None or low > best[0] + 1e-12):
-                        best = (low, k, method)
-                    if low >= self.tau:
-                        break  # prefer the earlier (simpler) method when it suffices
+            if placed.size:
+                g_of = group_of[placed]
+                count = len(group_members)
+                chosen_low = np.full(count, -np.inf)
+                chosen_method = np.full(count, -1)
+                for k_m, m in enumerate(self.methods):
+                    d = damage[m]
+                    # members' values with i added, their group-wise minimum
+                    members_low = np.full(count, np.inf)
+                    np.minimum.at(members_low, g_of, current[m][placed] - d[placed, i])
+                    # i's own value: 1 - its damages from every member of the group
+                    own = 1.0 - np.bincount(g_of, weights=d[i, placed], minlength=count)
+                    low = np.minimum(members_low, own)
+                    low = np.where(np.isnan(low), -np.inf, low)
+                    # the first method that keeps a group >= tau is its method
+                    take = (chosen_method < 0) & (low >= self.tau)
+                    chosen_low[take] = low[take]
+                    chosen_method[take] = k_m
+                if np.isfinite(chosen_low).any() and chosen_low.max() >= self.tau:
+                    k = int(np.argmax(chosen_low))
+                    best = (k, self.methods[int(chosen_method[k])])
             if best is None:
-                groups.append(([n], self.methods[0]))
-            else:
-                _, k, method = best
-                groups[k] = ([*groups[k][0], n], method)
+                group_of[i] = len(group_members)
+                group_members.append([i])
+                group_methods.append(self.methods[0])
+                continue
+            k, method = best
+            members = group_members[k]
+            idx = np.array(members)
+            for m in self.methods:  # additive damages: update in O(group size)
+                current[m][idx] -= damage[m][idx, i]
+                current[m][i] = 1.0 - damage[m][i, idx].sum()
+            members.append(i)
+            group_of[i] = k
+            group_methods[k] = method
 
         decisions = []
-        for members, method in groups:
+        for members, method in zip(group_members, group_methods, strict=True):
+            labels = [names[i] for i in members]
             if len(members) == 1:
                 decisions.append(
                     Decision(
                         "route",
                         [
-                            f"no group keeps {members[0]} and its partners at or above tau "
+                            f"no group keeps {labels[0]} and its partners at or above tau "
                             f"{self.tau:.2f}; served as a separate adapter"
                         ],
-                        members=members,
+                        members=labels,
                     )
                 )
                 continue
-            values = set_values(members, method)
+            values = [float(current[method][i]) for i in members]
             kind = "merge" if method == self.methods[0] else "reweight"
             decisions.append(
                 Decision(
                     kind,
                     [
                         f"predicted set retention under the {method} merge: "
-                        + ", ".join(f"{m} {v:.3f}" for m, v in zip(members, values, strict=True))
+                        + ", ".join(f"{m} {v:.3f}" for m, v in zip(labels, values, strict=True))
                         + f" (all >= tau {self.tau:.2f})"
                     ],
                     method=method,
-                    members=members,
-                    weights=self.weights_for(method, members),
+                    members=labels,
+                    weights=self.weights_for(method, labels),
                     predicted_mean=sum(values) / len(values),
                     predicted_min=min(values),
                 )
             )
-        for n, (twin, similarity) in pruned.items():
+        for i, (twin, similarity) in pruned.items():
             decisions.append(
                 Decision(
                     "prune",
                     [
-                        f"redundant with {twin} (drift cosine {similarity:.2f} >= "
-                        f"{self.prune_similarity:.2f}); {twin} serves its task"
+                        f"redundant with {names[twin]} (drift cosine {similarity:.2f} >= "
+                        f"{self.prune_similarity:.2f}); {names[twin]} serves its task"
                     ],
-                    members=[n, twin],
+                    members=[names[i], names[twin]],
                 )
             )
         return decisions
@@ -344,3 +401,203 @@ def predict_pairs(
             }
         )
     return predictions, notes
+
+
+PLAN_SCHEMA = "mergeprobe.plan/1"
+
+
+def _adapter_entry(signature) -> dict[str, Any]:
+    meta = signature.metadata
+    training = meta.get("training") or {}
+    probe = signature.probes[-1] if signature.probes else None
+    ranks = (meta.get("adapter") or {}).get("ranks") or []
+    return {
+        "path": meta.get("adapter_path") or training.get("output_dir"),
+        "source": meta.get("source"),
+        "fraction": probe.fraction if probe is not None else None,
+        "state": probe.kind if probe is not None else None,
+        "max_rank": max(ranks) if ranks else None,
+        "task_type": (meta.get("adapter") or {}).get("task_type"),
+    }
+
+
+def plan_state(signatures: Sequence) -> str:
+    """``"final"`` when every signature's last state is a finished adapter, else ``"early"``:
+    which shipped predictor fits the plan's signals."""
+    kinds = {s.probes[-1].kind for s in signatures if s.probes}
+    return "final" if kinds == {"final"} else "early"
+
+
+def _signal_matrices(signatures: Sequence, needed: set[str], progress: bool):
+    """Every needed pairwise signal as an (n, n) matrix, each signature at its last probe:
+    matrix products where ``pairwise_signal_matrices`` covers them, else pair by pair."""
+    from .exceptions import IncompatibleSignatureError
+    from .signals.compare import MATRIX_SIGNALS, pairwise_signal_matrices, pairwise_signals
+
+    n = len(signatures)
+    if needed <= MATRIX_SIGNALS:
+        matrices = pairwise_signal_matrices(list(signatures), None, only=needed)
+        return {k: v.numpy() for k, v in matrices.items()}
+    matrices = {k: np.full((n, n), np.nan) for k in needed}
+    iterator = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="pairwise signals", unit="adapter")
+    for i in iterator:
+        for j in range(n):
+            if i == j:
+                continue
+            try:
+                values = pairwise_signals(signatures[i], signatures[j], only=needed)
+            except IncompatibleSignatureError:
+                continue
+            for k in needed:
+                matrices[k][i, j] = values.get(k, np.nan)
+    return matrices
+
+
+def build_plan(
+    signatures: Sequence,
+    predictors: Mapping[str, Any] | None = None,
+    policy: Policy | None = None,
+    *,
+    predictor_info: Mapping[str, Any] | None = None,
+    include_pairs: bool | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A plan for a set of signatures: every pair predicted, adapters grouped (design §5).
+
+    Each signature is compared at its last probe. Without ``predictors``, the shipped ones for
+    the signatures' state (``plan_state``). Returns a JSON-ready document (schema
+    ``mergeprobe.plan/1``) that ``mergeprobe apply`` carries out: ``served`` models (merged
+    groups with method, weights and each member's predicted set retention with its interval,
+    and routed adapters), ``pruned`` adapters and the model that serves them, the predicted
+    ``pairs`` (by default when there are at most 200 adapters) and the pairs ``skipped``.
+    """
+    from ._util import clean_json, utc_now
+    from ._version import __version__
+    from .predictor import load_predictors
+    from .signals.compare import compatibility_key
+    from .signature import check_compatible
+
+    signatures = list(signatures)
+    if predictors is None:
+        state = plan_state(signatures)
+        predictors, meta = load_predictors(state=state)
+        predictor_info = {"name": f"default ({state})", **meta, **(predictor_info or {})}
+    policy = policy or Policy()
+    methods = [m for m in policy.methods if m in predictors]
+    if not methods:
+        raise InvalidParameterError(
+            f"the predictors cover {sorted(predictors)}, none of the policy's methods "
+            f"{list(policy.methods)}"
+        )
+    policy = dataclasses.replace(policy, methods=tuple(methods))
+    names = [s.name for s in signatures]
+    if len(set(names)) != len(names):
+        raise InvalidParameterError("two signatures share a name; names must be unique")
+    n = len(names)
+    include_pairs = n <= 200 if include_pairs is None else include_pairs
+
+    needed = {"drift_cosine"}.union(*(getattr(predictors[m], "features", ()) for m in methods))
+    matrices = _signal_matrices(signatures, needed, progress)
+    keys = [compatibility_key(s) for s in signatures]
+    compared = np.array([[a == b for b in keys] for a in keys]) & ~np.eye(n, dtype=bool)
+    rows, cols = np.nonzero(compared)
+    retention, low, high = {}, {}, {}
+    for method in methods:
+        predictor = predictors[method]
+        X = np.stack([matrices[f][rows, cols] for f in predictor.features], axis=1)
+        values = np.full((n, n), -np.inf)
+        if rows.size:
+            values[rows, cols] = predictor.predict(X)
+        lo, hi = predictor.residual_quantiles_
+        retention[method], low[method], high[method] = values, values + lo, values + hi
+    redundancy = matrices["drift_cosine"]
+    decisions = policy.plan_matrix(names, retention, redundancy)
+
+    index = {name: i for i, name in enumerate(names)}
+    served, pruned = [], []
+    for k, decision in enumerate(decisions, 1):
+        if decision.decision == "prune":
+            name, twin = decision.members
+            pruned.append({"name": name, "served_by": twin, "reasons": decision.reasons})
+            continue
+        method = decision.method or methods[0]
+        predicted = {}
+        for member in decision.members:
+            i = index[member]
+            others = [index[o] for o in decision.members if o != member]
+            # set_retention (additive damages), vectorised for large groups
+            predicted[member] = {
+                "retention": float(1.0 - (1.0 - retention[method][i, others]).sum()),
+                "interval": [
+                    float(1.0 - (1.0 - low[method][i, others]).sum()),
+                    float(1.0 - (1.0 - high[method][i, others]).sum()),
+                ],
+            }
+        served.append(
+            {
+                "name": decision.members[0] if decision.decision == "route" else f"merged-{k:02d}",
+                "decision": decision.decision,
+                "method": decision.method,
+                "members": decision.members,
+                "weights": decision.weights,
+                "predicted": predicted,
+                "predicted_mean": decision.predicted_mean,
+                "predicted_min": decision.predicted_min,
+                "reasons": decision.reasons,
+            }
+        )
+    served_by = {m: s["name"] for s in served for m in s["members"]}
+    for entry in pruned:
+        entry["served_model"] = served_by.get(entry["served_by"])
+
+    skipped: list[dict[str, Any]] = []
+    incompatible = ~compared & ~np.eye(n, dtype=bool)
+    if include_pairs:
+        for i, j in zip(*np.nonzero(np.triu(incompatible)), strict=True):
+            try:
+                check_compatible(signatures[i], signatures[j])
+            except MergeprobeError as exc:
+                skipped.append({"self": names[i], "with": names[j], "skipped": str(exc)})
+    pairs = []
+    if include_pairs:
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+            pairs.append(
+                {
+                    "self": names[i],
+                    "other": names[j],
+                    "retention": {m: float(retention[m][i, j]) for m in methods},
+                    "interval": {m: [float(low[m][i, j]), float(high[m][i, j])] for m in methods},
+                    "redundancy": float(redundancy[i, j]),
+                }
+            )
+    document = {
+        "schema": PLAN_SCHEMA,
+        "created": utc_now(),
+        "mergeprobe_version": __version__,
+        "policy": {
+            "tau": policy.tau,
+            "prune_similarity": policy.prune_similarity,
+            "methods": list(policy.methods),
+        },
+        "predictor": dict(predictor_info or {"name": "custom"}),
+        "base_model": (signatures[0].metadata.get("base_model") if signatures else None),
+        "adapters": {s.name: _adapter_entry(s) for s in signatures},
+        "summary": {
+            "adapters": n,
+            "served_models": len(served),
+            "merged_groups": sum(s["decision"] != "route" for s in served),
+            "routed": sum(s["decision"] == "route" for s in served),
+            "pruned": len(pruned),
+            "pairs_predicted": int(rows.size),
+            "pairs_skipped": int(incompatible.sum()),
+        },
+        "served": served,
+        "pruned": pruned,
+        "pairs": pairs,
+        "skipped": skipped,
+    }
+    return clean_json(document)

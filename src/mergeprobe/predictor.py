@@ -57,6 +57,10 @@ _LOG_FEATURES = {
 }
 _MODELS = ("ridge", "boosting")
 _DEFAULT_PATH = Path(__file__).parent / "data" / "default_predictors.skops"
+# Fitted on final adapters: for plans over finished adapters (``mergeprobe add``), whose
+# update and drift magnitudes are far larger than at 5 % of a run.
+_DEFAULT_FINAL_PATH = Path(__file__).parent / "data" / "default_predictors_final.skops"
+STATES = ("early", "final")
 
 
 class UnsafePredictorError(MergeprobeError):
@@ -277,16 +281,20 @@ def save_predictors(
 
 
 def load_predictors(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None, *, state: str = "early"
 ) -> tuple[dict[str, RetentionPredictor], dict[str, Any]]:
-    """Predictors and their metadata from a skops file (default: the one shipped).
+    """Predictors and their metadata from a skops file (default: the one shipped for
+    ``state``: ``"early"`` signals of runs at their horizon, or ``"final"`` adapters).
 
     Refuses a pickle file and any object type outside scikit-learn, numpy and mergeprobe's
     predictor: a predictor may come from someone else.
     """
     import skops.io
 
-    path = Path(path) if path is not None else _DEFAULT_PATH
+    if state not in STATES:
+        raise InvalidParameterError(f"state must be one of {STATES}; got {state!r}")
+    default = _DEFAULT_FINAL_PATH if state == "final" else _DEFAULT_PATH
+    path = Path(path) if path is not None else default
     if not path.is_file():
         raise MergeprobeError(f"no predictor file at {path}")
     with open(path, "rb") as f:

@@ -370,21 +370,30 @@ def resolve_anchor_inputs(
 # -- finished adapters ---------------------------------------------------------------------
 
 
-def _head_num_labels(adapter_dir: Path) -> int | None:
-    """The number of labels of a saved sequence-classification head, from its weights."""
+_HEAD_KEYS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+
+
+def _head_num_labels(adapter_dir: Path, head_tensors: dict | None = None) -> int | None:
+    """The number of labels of a sequence-classification head, from its weights."""
     from safetensors import safe_open
 
+    if head_tensors:
+        for key, tensor in head_tensors.items():
+            if key.endswith(_HEAD_KEYS):
+                return int(tensor.shape[0])
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         return None
     with safe_open(str(path), "pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+            if key.endswith(_HEAD_KEYS):
                 return int(f.get_slice(key).get_shape()[0])
     return None
 
 
-def _load_peft_model(adapter_dir: Path, base_model, torch_dtype=None):
+def _load_peft_model(
+    adapter_dir: Path, base_model, torch_dtype=None, head_tensors=None, task_type=None
+):
     import transformers
     from peft import PeftConfig, PeftModel
 
@@ -397,14 +406,15 @@ def _load_peft_model(adapter_dir: Path, base_model, torch_dtype=None):
             f"adapter {str(adapter_dir)!r} names no base model (base_model_name_or_path is empty); "
             "pass base_model='path/or/name'"
         )
-    task = str(getattr(config, "task_type", "") or "")
+    task = str(task_type or getattr(config, "task_type", "") or "")
     kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if task.endswith("SEQ_CLS"):
-        num_labels = _head_num_labels(adapter_dir)
+        num_labels = _head_num_labels(adapter_dir, head_tensors)
         if num_labels:
-            kwargs["num_labels"] = num_labels
+            # The adapter's own head replaces whatever head the base checkpoint has.
+            kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
         auto = transformers.AutoModelForSequenceClassification
     elif task.endswith("CAUSAL_LM"):
         auto = transformers.AutoModelForCausalLM
@@ -482,13 +492,13 @@ def signature_of_adapter(
                 f"{str(adapter_dir)!r} is not a PEFT adapter directory (no adapter_config.json)"
             )
         model, base_path = _load_peft_model(adapter_dir, base_model, torch_dtype)
-        default_name = adapter_dir.resolve().name
+        default_name = adapter_dir.absolute().name
         if tokenizer is None and base_path is not None:
             tokenizer = _load_tokenizer(base_path)
         state_path = adapter_dir / "trainer_state.json"
         history = json.loads(state_path.read_text()) if state_path.is_file() else {}
     else:
-        model, default_name, history = adapter, "adapter", {}
+        model, default_name, history, adapter_dir = adapter, "adapter", {}, None
     inputs, info = resolve_anchor_inputs(tokenizer, anchor_texts, anchor_inputs, anchor_max_length)
     if inputs is None:
         logger.warning(
@@ -510,6 +520,7 @@ def signature_of_adapter(
     metadata = recorder.describe()
     metadata.update(
         source="adapter",
+        adapter_path=str(adapter_dir.resolve()) if adapter_dir is not None else None,
         run_id=None,
         created=utc_now(),
         training={"max_steps": max_steps} if max_steps else {},

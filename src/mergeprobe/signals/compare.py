@@ -231,3 +231,180 @@ def pairwise_signals(
             cka_other=NAN,
         )
     return out
+
+
+# Signals ``pairwise_signal_matrices`` computes for a whole set at once (what plans need).
+MATRIX_SIGNALS = frozenset(
+    {
+        "fraction_self",
+        "fraction_other",
+        "update_norm_self",
+        "update_norm_other",
+        "update_norm_ratio",
+        "drift_norm_self",
+        "drift_norm_other",
+        "drift_norm_ratio",
+        "drift_cosine",
+        "interference_ratio",
+        "cka_self",
+        "cka_other",
+    }
+)
+
+
+def compatibility_key(signature: Signature) -> str:
+    """Signatures with equal keys pass ``check_compatible`` with each other."""
+    import json
+
+    base = signature.metadata.get("base_model") or {}
+    anchor = signature.metadata.get("anchor") or {}
+    return json.dumps(
+        [
+            base.get("architecture_fingerprint"),
+            base.get("weights_fingerprint"),
+            anchor.get("hash"),
+            anchor.get("inputs_hash"),
+            signature.metadata.get("sketch", {}),
+        ],
+        sort_keys=True,
+    )
+
+
+def _stack(rows: list, keys: list, shape: tuple[int, ...]):
+    """(n, len(keys), *shape) float64 values and (n, len(keys)) mask of finite entries, from
+    rows ``(row_keys, tensor)`` (``None`` for a row without this family)."""
+    n = len(rows)
+    values = torch.zeros((n, len(keys), *shape), dtype=torch.float64)
+    mask = torch.zeros((n, len(keys)), dtype=torch.float64)
+    index = {k: i for i, k in enumerate(keys)}
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        row_keys, tensor = row
+        positions = torch.tensor([index[k] for k in row_keys], dtype=torch.long)
+        tensor = tensor.double()
+        finite = torch.isfinite(tensor.reshape(len(row_keys), -1)).all(1)
+        values[r, positions] = torch.where(
+            finite.view(-1, *([1] * len(shape))), tensor, torch.zeros_like(tensor)
+        )
+        mask[r, positions] = finite.double()
+    return values, mask
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, NAN))
+
+
+def pairwise_signal_matrices(
+    signatures: list[Signature],
+    fraction: float | None = None,
+    *,
+    only: Collection[str] | None = None,
+    energy: float = 0.9,
+) -> dict[str, torch.Tensor]:
+    """``MATRIX_SIGNALS`` of every ordered pair at once: ``out[name][i, j]`` is the value of
+    ``pairwise_signals(signatures[i], signatures[j], fraction, fraction)[name]``.
+
+    Norms, cosines and the interference ratio reduce to matrix products over the union of
+    layers (``‖drift_j P_i‖² = <P_i, drift_jᵀ drift_j>`` with ``P_i`` the projector on i's drift
+    region), so a thousand signatures take seconds instead of hours of pairwise loops.
+    Incompatible pairs (``compatibility_key``) and the diagonal are NaN.
+    """
+    names = sorted(MATRIX_SIGNALS if only is None else set(only) & MATRIX_SIGNALS)
+    n = len(signatures)
+    probes = [s.probe(fraction) for s in signatures]
+    out: dict[str, torch.Tensor] = {}
+    frac = torch.tensor(
+        [p.fraction if p.fraction is not None else NAN for p in probes], dtype=torch.float64
+    )
+    out["fraction_self"] = frac[:, None].expand(n, n).clone()
+    out["fraction_other"] = frac[None, :].expand(n, n).clone()
+
+    # update norms over the shared LoRA layers
+    rows = [
+        (s.layers, p.tensors["update_norm"])
+        if "update_norm" in p.tensors and "update_sketch" in p.tensors
+        else None
+        for s, p in zip(signatures, probes, strict=True)
+    ]
+    layers = sorted({k for row in rows if row is not None for k in row[0]})
+    norms, mask = _stack(rows, layers, ())
+    shared = mask @ mask.T
+    self_sq = (norms.square() * mask) @ mask.T
+    nan = torch.full((n, n), NAN, dtype=torch.float64)
+    out["update_norm_self"] = torch.where(shared > 0, self_sq.sqrt(), nan)
+    out["update_norm_other"] = out["update_norm_self"].T.clone()
+    out["update_norm_ratio"] = _safe_div(out["update_norm_other"], out["update_norm_self"])
+
+    # drift over the shared probed hidden layers
+    drift_rows, sketch_rows, cka_rows = [], [], []
+    for s, p in zip(signatures, probes, strict=True):
+        t = p.tensors
+        if all(k in t for k in DRIFT_MATRIX_KEYS):
+            drift_rows.append((s.drift_layers, t["drift_norm"]))
+            sketch_rows.append((s.drift_layers, t["drift_sketch"]))
+            cka_rows.append((s.drift_layers, t["cka"]))
+        else:
+            drift_rows.append(None), sketch_rows.append(None), cka_rows.append(None)
+    drift_layers = sorted({k for row in drift_rows if row is not None for k in row[0]})
+    shapes = {tuple(row[1].shape[1:]) for row in sketch_rows if row is not None}
+    dnorm, dmask = _stack(drift_rows, drift_layers, ())
+    cka, _ = _stack(cka_rows, drift_layers, ())
+    dshared = dmask @ dmask.T
+    dself = (dnorm.square() * dmask) @ dmask.T
+    out["drift_norm_self"] = torch.where(dshared > 0, dself.sqrt(), nan)
+    out["drift_norm_other"] = out["drift_norm_self"].T.clone()
+    out["drift_norm_ratio"] = _safe_div(out["drift_norm_other"], out["drift_norm_self"])
+    cka_sum = (cka * dmask) @ dmask.T
+    out["cka_self"] = torch.where(dshared > 0, cka_sum / dshared.clamp_min(1), nan)
+    out["cka_other"] = out["cka_self"].T.clone()
+    if len(shapes) == 1 and ({"drift_cosine", "interference_ratio"} & set(names)):
+        (shape,) = shapes
+        # One hidden layer at a time: memory stays O(n · anchors · sketch), not O(n · layers …).
+        dots = torch.zeros((n, n), dtype=torch.float64)
+        num = torch.zeros((n, n), dtype=torch.float64)
+        self_energy = torch.zeros((n, n), dtype=torch.float64)
+        for layer in drift_layers:
+            sketch, present = _stack(
+                [
+                    ([0], r[1][r[0].index(layer)][None])
+                    if r is not None and layer in r[0]
+                    else None
+                    for r in sketch_rows
+                ],
+                [0],
+                shape,
+            )
+            sketch, present = sketch[:, 0], present[:, 0]  # (n, anchors, k), (n,)
+            flat = sketch.flatten(1) * present[:, None]
+            both = present[:, None] * present[None, :]
+            self_energy += flat.square().sum(1)[:, None] * both
+            if "drift_cosine" in names:
+                dots += flat @ flat.T
+            if "interference_ratio" in names:
+                gram = sketch.transpose(-1, -2) @ sketch  # (n, k, k): Dᵀ D
+                evals, evecs = torch.linalg.eigh(gram)  # ascending
+                evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
+                total = evals.sum(-1, keepdim=True)
+                share = evals / total.clamp_min(1e-300)
+                # the directions up to and including the first that reaches ``energy``
+                keep = ((share.cumsum(-1) - share) < energy - 1e-12) & (total > 0)
+                projector = (evecs * keep[:, None, :].double()) @ evecs.transpose(-1, -2)
+                num += (projector.flatten(1) * present[:, None]) @ (
+                    gram.flatten(1) * present[:, None]
+                ).T
+        if "drift_cosine" in names:
+            out["drift_cosine"] = _safe_div(dots, (self_energy * self_energy.T).sqrt())
+        if "interference_ratio" in names:
+            out["interference_ratio"] = _safe_div(num, self_energy).sqrt()
+    for name in ("drift_cosine", "interference_ratio"):
+        out.setdefault(name, nan.clone())
+
+    # incompatible pairs and the diagonal are not comparisons
+    keys = [compatibility_key(s) for s in signatures]
+    codes = torch.tensor([sorted(set(keys)).index(k) for k in keys])
+    invalid = (codes[:, None] != codes[None, :]) | torch.eye(n, dtype=torch.bool)
+    return {k: torch.where(invalid, nan, out[k]) for k in names}
+
+
+DRIFT_MATRIX_KEYS = ("drift_sketch", "drift_norm", "cka")

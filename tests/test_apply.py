@@ -1,0 +1,232 @@
+"""Carrying out plans: merged PEFT adapters that reload with the right logits, identities
+that catch PEFT's known merge bugs (rsLoRA, mixed ranks, rank_pattern), and apply_plan's
+all-or-nothing output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from mergeprobe import InvalidParameterError
+from mergeprobe.merge import (
+    apply_plan,
+    load_served_model,
+    merge_adapters,
+    merge_deltas,
+    read_adapter,
+    save_merged_adapter,
+)
+from mergeprobe.policy import PLAN_SCHEMA
+
+HIDDEN = 32
+
+
+def _base_dir(tmp_path, hidden=HIDDEN):
+    path = tmp_path / f"base{hidden}"
+    if not path.exists():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=50,
+            hidden_size=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+        )
+        BertModel(config).save_pretrained(path)  # a bare encoder, as real bases are
+    return path
+
+
+def _adapter(tmp_path, name, *, seed, num_labels=3, hidden=HIDDEN, **lora):
+    """A saved SEQ_CLS LoRA adapter with random (non-zero) A and B and a trained-looking head."""
+    base = BertForSequenceClassification.from_pretrained(
+        _base_dir(tmp_path, hidden=hidden), num_labels=num_labels
+    )
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        init_lora_weights=False,  # B random too: ΔW != 0
+        **{"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], **lora},
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.mul_(0.3)
+            elif "classifier" in n and "modules_to_save" in n:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name, model.eval()
+
+
+INPUTS = {
+    "input_ids": torch.tensor([[2, 5, 9, 11, 3, 0], [2, 7, 7, 30, 41, 3]]),
+    "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
+}
+
+
+def _dense_reference(tmp_path, adapters, weights, head_of, num_labels=3):
+    """The base model with W0 + Σ w_k ΔW_k written into its weights and one member's head."""
+    model = BertForSequenceClassification.from_pretrained(
+        _base_dir(tmp_path), num_labels=num_labels
+    )
+    with torch.no_grad():
+        for adapter, w in zip(adapters, weights, strict=True):
+            for module, (a, b, s) in adapter.factors.items():
+                model.get_parameter(f"{module}.weight").add_(w * s * b @ a)
+        for key, value in head_of.extras.items():
+            model.get_parameter(key.removeprefix("base_model.model.")).copy_(value)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"layer.1.attention.self.value": 2}, "alpha_pattern": {"query": 3}},
+        {"use_rslora": True, "r": 6, "rank_pattern": {"layer.0.attention.self.query": 3}},
+    ],
+    ids=["plain", "rslora", "rank_and_alpha_pattern", "rslora_rank_pattern"],
+)
+def test_one_adapter_with_weight_one_reproduces_it(tmp_path, lora):
+    path, original = _adapter(tmp_path, "a", seed=1, **lora)
+    adapter = read_adapter(path)
+    # scales read from the files are PEFT's own
+    from peft.tuners.lora import LoraLayer
+
+    checked = 0
+    for name, module in original.named_modules():
+        if isinstance(module, LoraLayer):
+            key = name.removeprefix("base_model.model.")
+            assert adapter.factors[key][2] == pytest.approx(module.scaling["default"])
+            checked += 1
+    assert checked == 4
+    merged = merge_adapters([adapter], "direct", [1.0])
+    out = save_merged_adapter(merged, adapter, tmp_path / "merged", extras=adapter.extras)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] and not config["use_rslora"]
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
+    reloaded = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(_base_dir(tmp_path), num_labels=3), out
+    ).eval()
+    head = {k.removeprefix("base_model.model."): v for k, v in adapter.extras.items()}
+    reloaded.get_base_model().load_state_dict(head, strict=False)
+    with torch.no_grad():
+        want, got = original(**INPUTS).logits, reloaded(**INPUTS).logits
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _plan(paths, served, pruned=()):
+    return {
+        "schema": PLAN_SCHEMA,
+        "adapters": {n: {"path": str(p)} for n, p in paths.items()},
+        "served": served,
+        "pruned": list(pruned),
+        "base_model": None,
+    }
+
+
+def test_apply_writes_an_exact_merge_with_mixed_ranks_and_target_sets(tmp_path):
+    pa, _ = _adapter(tmp_path, "a", seed=1, r=4, target_modules=["query", "value"])
+    pb, _ = _adapter(tmp_path, "b", seed=2, r=8, target_modules=["query", "key"], num_labels=5)
+    pc, original_c = _adapter(tmp_path, "c", seed=3)
+    plan = _plan(
+        {"a": pa, "b": pb, "c": pc},
+        [
+            {"name": "merged-01", "decision": "merge", "method": "direct", "members": ["a", "b"]},
+            {"name": "c", "decision": "route", "method": None, "members": ["c"]},
+        ],
+        pruned=[{"name": "d", "served_by": "a", "reasons": ["redundant with a"]}],
+    )
+    manifest = apply_plan(plan, tmp_path / "served", base_model=str(_base_dir(tmp_path)))
+    assert manifest["routes"]["d"] == {
+        "model": "merged-01",
+        "head": "merged-01/heads/a.safetensors",
+        "pruned_in_favour_of": "a",
+    }
+    assert manifest["models"]["merged-01"]["rank"] == 12  # r_a + r_b, exact
+    adapters = [read_adapter(pa), read_adapter(pb)]
+    for member, head_of, labels in (("a", adapters[0], 3), ("b", adapters[1], 5)):
+        served = load_served_model(tmp_path / "served", member)
+        reference = _dense_reference(tmp_path, adapters, [1, 1], head_of, labels)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                served(**INPUTS).logits, reference(**INPUTS).logits, atol=1e-5, rtol=1e-5
+            )
+    served_c = load_served_model(tmp_path / "served", "c")
+    with torch.no_grad():
+        torch.testing.assert_close(served_c(**INPUTS).logits, original_c(**INPUTS).logits)
+    assert (tmp_path / "served" / "mergekit" / "merged-01.yaml").is_file()
+    calls = (tmp_path / "served" / "peft_merge.py").read_text()
+    assert "combination_type='cat'" in calls
+    compile(calls, "peft_merge.py", "exec")
+
+
+def test_ties_dare_and_rank_budget_factor_the_dense_merge(tmp_path):
+    adapters = [read_adapter(_adapter(tmp_path, n, seed=s)[0]) for n, s in (("a", 1), ("b", 2))]
+    module = "bert.encoder.layer.0.attention.self.query"
+    deltas = [{module: s * b @ a} for a, b, s in (x.factors[module] for x in adapters)]
+    for method in ("ties", "dare", "mean"):
+        a, b = merge_adapters(adapters, method, seed=3)[module]
+        want = merge_deltas(deltas, method, seed=3)[module]
+        torch.testing.assert_close(b @ a, want, atol=1e-5, rtol=1e-4)
+    exact = deltas[0][module] + deltas[1][module]
+    a, b = merge_adapters(adapters, "direct", rank=2)[module]
+    assert a.shape[0] == 2
+    u, s, vh = torch.linalg.svd(exact.double())
+    best = (u[:, :2] * s[:2]) @ vh[:2]  # Eckart-Young: the best rank-2 approximation
+    torch.testing.assert_close((b @ a).double(), best, atol=1e-5, rtol=1e-4)
+
+
+def test_reweighted_groups_use_their_coefficients(tmp_path):
+    pa, _ = _adapter(tmp_path, "a", seed=1)
+    pb, _ = _adapter(tmp_path, "b", seed=2)
+    plan = _plan(
+        {"a": pa, "b": pb},
+        [
+            {
+                "name": "merged-01",
+                "decision": "reweight",
+                "method": "direct",
+                "members": ["a", "b"],
+                "weights": {"a": 0.7, "b": 0.4},
+            }
+        ],
+    )
+    apply_plan(plan, tmp_path / "served", base_model=str(_base_dir(tmp_path)))
+    adapters = [read_adapter(pa), read_adapter(pb)]
+    served = load_served_model(tmp_path / "served", "b")
+    reference = _dense_reference(tmp_path, adapters, [0.7, 0.4], adapters[1])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            served(**INPUTS).logits, reference(**INPUTS).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_incompatible_adapters_leave_nothing_written(tmp_path):
+    pa, _ = _adapter(tmp_path, "a", seed=1)
+    pb, _ = _adapter(tmp_path, "wide", seed=2, hidden=48)  # another base model's shapes
+    plan = _plan(
+        {"a": pa, "wide": pb},
+        [{"name": "m", "decision": "merge", "method": "direct", "members": ["a", "wide"]}],
+    )
+    with pytest.raises(InvalidParameterError, match="different shapes"):
+        apply_plan(plan, tmp_path / "served")
+    assert not (tmp_path / "served").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".served")]
+
+
+def test_dora_and_pickled_adapters_are_refused(tmp_path):
+    path, _ = _adapter(tmp_path, "dora", seed=1, use_dora=True)
+    with pytest.raises(InvalidParameterError, match="DoRA"):
+        read_adapter(path)
+    path, model = _adapter(tmp_path, "pickled", seed=1)
+    (path / "adapter_model.safetensors").unlink()
+    torch.save({}, path / "adapter_model.bin")
+    with pytest.raises(InvalidParameterError, match="pickle"):
+        read_adapter(path)
