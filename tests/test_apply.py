@@ -230,3 +230,40 @@ def test_dora_and_pickled_adapters_are_refused(tmp_path):
     torch.save({}, path / "adapter_model.bin")
     with pytest.raises(InvalidParameterError, match="pickle"):
         read_adapter(path)
+
+
+def test_tuned_weights_turn_down_an_adapter_that_hurts_the_task(tmp_path):
+    from mergeprobe.merge import tune_weights
+
+    good_path, good = _adapter(tmp_path, "good", seed=1)
+    noise_path, _ = _adapter(tmp_path, "noise", seed=2)
+    noise = read_adapter(noise_path)
+    for module, (a, b, s) in list(noise.factors.items()):  # a large random update
+        noise.factors[module] = (a * 6, b * 6, s)
+    noise.extras = {}
+    good_weights = read_adapter(good_path)
+    # a confident head, so the good adapter's own labels have a low loss under it
+    with torch.no_grad():
+        for name, p in good.named_parameters():
+            if "classifier" in name and "modules_to_save" in name:
+                p.mul_(20)
+    good_weights.extras = {k: v * 20 for k, v in good_weights.extras.items()}
+    # labels the good adapter's model gives: its task, as data
+    torch.manual_seed(5)
+    ids = torch.randint(4, 50, (32, 6))
+    with torch.no_grad():
+        labels = good(input_ids=ids).logits.argmax(-1)
+    batches = [{"input_ids": ids[k : k + 16], "labels": labels[k : k + 16]} for k in (0, 16)]
+    model = BertForSequenceClassification.from_pretrained(_base_dir(tmp_path), num_labels=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = tune_weights(
+        model,
+        {"good": good_weights, "noise": noise},
+        {"good": batches, "noise": batches},
+        budget=30,
+    )
+    assert result["evaluations"] <= 30
+    assert result["loss"] < result["loss_init"]
+    assert result["weights"]["noise"] < 0.5  # the harmful update is turned down
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model is restored

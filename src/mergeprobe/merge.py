@@ -641,3 +641,126 @@ def read_adapter_config(path: str | os.PathLike):
 def _task_type(config) -> str | None:
     task = getattr(config, "task_type", None)
     return str(getattr(task, "value", task)) if task else None
+
+
+@torch.no_grad()
+def tune_weights(
+    model: torch.nn.Module,
+    adapters: Mapping[str, AdapterWeights | str | os.PathLike],
+    batches: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+    *,
+    init: Mapping[str, float] | None = None,
+    bounds: tuple[float, float] = (0.0, 1.5),
+    budget: int = 40,
+    l1: float = 0.05,
+) -> dict[str, Any]:
+    """Per-adapter merge coefficients tuned on a few labelled examples (LoraHub-style).
+
+    Minimises the mean training loss of the direct merge ``W0 + Σ w_k ΔW_k`` over the
+    members' own batches (each member scored with its own head, from the adapter's saved
+    ``modules_to_save``), plus ``l1 · mean |w|`` as in LoraHub, with derivative-free
+    Nelder-Mead from ``init`` (default 1 each) inside ``bounds`` for at most ``budget`` loss
+    evaluations. Derivative-free because there are only a handful of coefficients and each
+    evaluation is a forward pass over at most ~100 examples per task; no backward pass, no
+    optimizer state, nothing to tune. ``model`` is the bare base model (with a task head of
+    the right size where heads matter); its weights are restored before returning.
+
+    Returns ``weights``, ``loss`` (tuned) and ``loss_init``, and ``evaluations``.
+    """
+    import numpy as np
+    from scipy.optimize import minimize
+
+    names = list(adapters)
+    if not names:
+        raise InvalidParameterError("tune_weights needs at least one adapter")
+    missing = [n for n in names if not batches.get(n)]
+    if missing:
+        raise InvalidParameterError(f"no batches for {missing}: every member needs examples")
+    low, high = (float(b) for b in bounds)
+    if not low < high:
+        raise InvalidParameterError(f"bounds must be (low, high) with low < high; got {bounds}")
+    if budget < 2:
+        raise InvalidParameterError(f"budget must be at least 2 evaluations; got {budget}")
+    loaded = {
+        n: a if isinstance(a, AdapterWeights) else read_adapter(a) for n, a in adapters.items()
+    }
+    _check_same_layout(list(loaded.values()))
+    modules = sorted({m for a in loaded.values() for m in a.factors})
+    targets = {m: model.get_submodule(m) for m in modules}
+    original = {m: t.weight.detach().clone() for m, t in targets.items()}
+    deltas = {
+        n: {
+            m: (s * b.float() @ a.float()).to(original[m].dtype)
+            for m, (a, b, s) in ad.factors.items()
+        }
+        for n, ad in loaded.items()
+    }
+    heads = {
+        n: {k.removeprefix("base_model.model."): v for k, v in ad.extras.items()}
+        for n, ad in loaded.items()
+    }
+    state = model.state_dict()
+    saved_heads = {
+        k: state[k].detach().clone() for k in {k for h in heads.values() for k in h} if k in state
+    }
+    was_training = model.training
+    model.eval()
+    calls = []
+
+    def loss_of(x: np.ndarray) -> float:
+        w = np.clip(x, low, high)
+        for m, target in targets.items():
+            update = sum(
+                float(wk) * deltas[n][m] for n, wk in zip(names, w, strict=True) if m in deltas[n]
+            )
+            target.weight.copy_(original[m] + update)
+        total = 0.0
+        for n in names:
+            _set_tensors(model, heads[n])
+            losses = [_loss(model, batch) for batch in batches[n]]
+            total += sum(losses) / len(losses)
+        value = total / len(names) + l1 * float(np.abs(w).mean())
+        calls.append((value, w.copy()))
+        return value
+
+    x0 = np.array([float((init or {}).get(n, 1.0)) for n in names])
+    try:
+        first = loss_of(x0)
+        step = 0.25 * (high - low)
+        simplex = np.vstack([x0] + [x0 + step * np.eye(len(names))[k] for k in range(len(names))])
+        minimize(
+            loss_of,
+            x0,
+            method="Nelder-Mead",
+            options={"maxfev": budget - 1, "initial_simplex": np.clip(simplex, low, high)},
+        )
+    finally:
+        for m, target in targets.items():
+            target.weight.copy_(original[m])
+        _set_tensors(model, saved_heads)
+        model.train(was_training)
+    best, weights = min(calls, key=lambda c: c[0])
+    return {
+        "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
+        "loss": best,
+        "loss_init": first,
+        "evaluations": len(calls),
+    }
+
+
+def _set_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put tensors in place by name, whatever their shape: task heads differ in size."""
+    for key, value in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        setattr(module, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+
+
+def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
+    """Cross-entropy of a classification batch from the logits (the head's own size, not the
+    config's ``num_labels``); the model's own loss otherwise (language modelling)."""
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 1:  # one label per sequence: classification
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return float(torch.nn.functional.cross_entropy(logits.float(), labels))
+    return float(model(**batch).loss)
