@@ -267,3 +267,34 @@ def test_tuned_weights_turn_down_an_adapter_that_hurts_the_task(tmp_path):
     assert result["weights"]["noise"] < 0.5  # the harmful update is turned down
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is restored
+
+
+def test_dare_masks_match_merge_deltas_over_all_modules(tmp_path):
+    adapters = [read_adapter(_adapter(tmp_path, n, seed=s)[0]) for n, s in (("a", 1), ("b", 2))]
+    dense = [{m: s * b @ a for m, (a, b, s) in adapter.factors.items()} for adapter in adapters]
+    want = merge_deltas(dense, "dare", seed=4)
+    got = merge_adapters(adapters, "dare", seed=4)
+    for module, (a, b) in got.items():
+        torch.testing.assert_close(b @ a, want[module], atol=1e-5, rtol=1e-4)
+    masks = {tuple((want[m] == 0).flatten()[:64].tolist()) for m in want if "query" in m}
+    assert len(masks) > 1  # layers of one shape get different masks
+
+
+def test_apply_refuses_unsafe_names_mixed_classes_and_missing_weights(tmp_path):
+    pa, _ = _adapter(tmp_path, "a", seed=1)
+    pb, _ = _adapter(tmp_path, "b", seed=2)
+    group = {"decision": "merge", "method": "direct", "members": ["a", "b"]}
+    for bad in ("../escaped", "/abs", "routing.json", "a b"):
+        plan = _plan({"a": pa, "b": pb}, [{**group, "name": bad}])
+        with pytest.raises(InvalidParameterError, match="safe directory name"):
+            apply_plan(plan, tmp_path / "served")
+    # the same layers under another model class's names (bare encoder vs task model)
+    renamed = read_adapter(pb)
+    renamed.factors = {k.removeprefix("bert."): v for k, v in renamed.factors.items()}
+    with pytest.raises(InvalidParameterError, match="different model classes"):
+        merge_adapters([read_adapter(pa), renamed])
+    (pb / "adapter_model.safetensors").unlink()
+    plan = _plan({"a": pa, "b": pb}, [{"name": "b", "decision": "route", "members": ["b"]}])
+    with pytest.raises(InvalidParameterError, match="no adapter_model.safetensors"):
+        apply_plan(plan, tmp_path / "served")
+    assert not (tmp_path / "served").exists()

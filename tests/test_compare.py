@@ -194,3 +194,21 @@ def test_signal_matrices_equal_the_pairwise_values():
                 assert float(matrices[name][i, j]) == pytest.approx(
                     expected[name], rel=1e-6, abs=1e-9, nan_ok=True
                 ), (a.name, b.name, name)
+
+
+def test_signal_matrices_keep_drift_when_one_signature_has_other_anchors():
+    from mergeprobe.signals.compare import pairwise_signal_matrices
+
+    signatures = [_random_signature(n, k, ("l0", "l1"), (1, 2)) for k, n in enumerate("abc")]
+    odd = _random_signature("odd", 9, ("l0", "l1"), (1, 2))
+    odd.probes[-1].tensors["drift_sketch"] = torch.randn(2, 5, 3)  # other anchor count
+    odd.metadata["anchor"] = {"hash": "other", "source": "texts", "n": 5}
+    matrices = pairwise_signal_matrices([*signatures, odd])
+    expected = pairwise_signals(signatures[0], signatures[1])
+    assert float(matrices["drift_cosine"][0, 1]) == pytest.approx(expected["drift_cosine"])
+    assert math.isnan(float(matrices["drift_cosine"][0, 3]))
+    # a signature without anchor metadata passes check_compatible, so it is compared
+    bare = _random_signature("bare", 11, ("l0", "l1"), (1, 2))
+    bare.metadata.pop("anchor")
+    matrices = pairwise_signal_matrices([*signatures, bare])
+    assert math.isfinite(float(matrices["update_norm_ratio"][0, 3]))

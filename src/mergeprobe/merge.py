@@ -26,6 +26,7 @@ from peft.utils import merge_utils
 
 from .adapters import find_lora_layers
 from .exceptions import InvalidParameterError
+from .store import sanitize_name
 
 logger = logging.getLogger(__name__)
 
@@ -251,29 +252,38 @@ def merge_adapters(
         raise InvalidParameterError(f"{n} adapters but {len(coefficients)} weights")
     _check_same_layout(adapters)
     merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module in sorted({m for a in adapters for m in a.factors}):
-        members = [
-            (a.factors[module], w)
-            for a, w in zip(adapters, coefficients, strict=True)
-            if module in a.factors
-        ]
-        if method in ("direct", "mean"):
-            right = torch.cat([float(w) * s * a.float() for (a, _, s), w in members], dim=0)
-            left = torch.cat([b.float() for (_, b, _), _ in members], dim=1)
-            if rank is not None and rank < left.shape[1]:
-                left, right = _svd_factors(left, right, rank)
-            merged[module] = (right, left)
-        else:
-            dense = merge_deltas(
-                [{module: s * b.float() @ a.float()} for (a, b, s), _ in members],
-                method,
-                [w for _, w in members],
-                density=density,
-                seed=seed,
-            )[module]
-            left, right = _factor_dense(dense, rank)
-            merged[module] = (right, left)
+    if density is None:
+        density = DEFAULT_DENSITY.get(method)
+    # One generator over the modules in sorted order, as merge_deltas draws DARE's masks: the
+    # same seed gives the same merge, and layers of one shape get different masks.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in sorted({m for a in adapters for m in a.factors}):
+            merged[module] = _merge_module(adapters, coefficients, module, method, rank, density)
     return merged
+
+
+def _merge_module(adapters, coefficients, module, method, rank, density):
+    """Merged (A, B) of one module over the adapters that have it."""
+    members = [
+        (a.factors[module], w)
+        for a, w in zip(adapters, coefficients, strict=True)
+        if module in a.factors
+    ]
+    if method in ("direct", "mean"):
+        right = torch.cat([float(w) * s * a.float() for (a, _, s), w in members], dim=0)
+        left = torch.cat([b.float() for (_, b, _), _ in members], dim=1)
+        if rank is not None and rank < left.shape[1]:
+            left, right = _svd_factors(left, right, rank)
+        return right, left
+    tensors = [s * b.float() @ a.float() for (a, b, s), _ in members]
+    w = torch.tensor([float(wk) for _, wk in members], dtype=torch.float32)
+    if method == "ties":
+        dense = merge_utils.ties(tensors, w, density=density)
+    else:
+        dense = merge_utils.dare_linear(tensors, w, density=density)
+    left, right = _factor_dense(dense, rank)
+    return right, left
 
 
 def _check_same_layout(adapters: Sequence[AdapterWeights]) -> None:
@@ -281,7 +291,16 @@ def _check_same_layout(adapters: Sequence[AdapterWeights]) -> None:
     layouts = {bool(getattr(a.config, "fan_in_fan_out", False)) for a in adapters}
     if len(layouts) > 1:
         raise InvalidParameterError("adapters disagree on fan_in_fan_out; they cannot be merged")
-    for module in sorted({m for a in adapters for m in a.factors}):
+    names = {m for a in adapters for m in a.factors}
+    for name in names:
+        clash = sorted(o for o in names if o != name and o.endswith("." + name))
+        if clash:
+            raise InvalidParameterError(
+                f"the adapters name one layer differently ({name} and {clash[0]}): they were "
+                "saved from different model classes (e.g. a task model and the bare encoder); "
+                "merge adapters saved from the same class"
+            )
+    for module in sorted(names):
         shapes = {
             (a.factors[module][1].shape[0], a.factors[module][0].shape[1])
             for a in adapters
@@ -402,6 +421,32 @@ def _resolve_paths(
     return paths
 
 
+_RESERVED = {"routing.json", "mergekit", "peft_merge.py", "heads"}
+
+
+def _check_served_names(plan: Mapping[str, Any]) -> None:
+    seen = set()
+    for served in plan["served"]:
+        name = str(served.get("name", ""))
+        if name != sanitize_name(name) or name in _RESERVED or name.startswith("."):
+            raise InvalidParameterError(
+                f"served model name {name!r} is not a safe directory name (letters, digits, "
+                f"'.', '_', '-'; not {sorted(_RESERVED)})"
+            )
+        if name in seen:
+            raise InvalidParameterError(f"two served models are named {name!r}")
+        seen.add(name)
+
+
+def _check_weights_file(path: Path) -> None:
+    if not (path / "adapter_model.safetensors").is_file():
+        pickled = (path / "adapter_model.bin").is_file()
+        raise InvalidParameterError(
+            f"{path} has no adapter_model.safetensors"
+            + (" (only adapter_model.bin, a pickle mergeprobe never loads)" if pickled else "")
+        )
+
+
 def apply_plan(
     plan: Mapping[str, Any],
     out: str | os.PathLike,
@@ -428,12 +473,21 @@ def apply_plan(
         raise InvalidParameterError(f"{out} already exists; choose a new output directory")
     paths = _resolve_paths(plan, adapter_paths)
     base = base_model or ((plan.get("base_model") or {}).get("name_or_path"))
-    # Read and check every merged group first: a bad group fails before anything is written.
+    # Check every served model first: a bad one fails before anything is written.
+    _check_served_names(plan)
     groups: dict[str, list[AdapterWeights]] = {}
     for served in plan["served"]:
         if served["decision"] != "route" and len(served["members"]) > 1:
             groups[served["name"]] = [read_adapter(paths[m]) for m in served["members"]]
             _check_same_layout(groups[served["name"]])
+            task_types = {_task_type(a.config) for a in groups[served["name"]]}
+            if len(task_types) > 1:
+                raise InvalidParameterError(
+                    f"group {served['name']} mixes task types {sorted(map(str, task_types))}: "
+                    "one merged model serves one kind of head; route the others"
+                )
+        else:
+            _check_weights_file(paths[served["members"][0]])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     models: dict[str, Any] = {}
@@ -452,11 +506,14 @@ def apply_plan(
                 for file in _ADAPTER_FILES:
                     if (paths[members[0]] / file).is_file():
                         shutil.copy2(paths[members[0]] / file, target / file)
+                config = read_adapter_config(paths[members[0]])
                 models[name] = {
                     "path": name,
                     "kind": "route",
                     "members": members,
-                    "task_type": _task_type(read_adapter_config(paths[members[0]])),
+                    "task_type": _task_type(config),
+                    # a routed adapter keeps its own base (a plan may span several)
+                    "base_model": config.base_model_name_or_path or base,
                 }
                 routes[members[0]] = {"model": name, "head": None}
                 continue
@@ -474,7 +531,7 @@ def apply_plan(
                     from safetensors.torch import save_file
 
                     (target / "heads").mkdir(exist_ok=True)
-                    head = f"{name}/heads/{member}.safetensors"
+                    head = f"{name}/heads/{sanitize_name(member)}.safetensors"
                     save_file(
                         {k: v.contiguous() for k, v in adapter.extras.items()}, str(tmp / head)
                     )
@@ -489,6 +546,7 @@ def apply_plan(
                 "rank": max(a.shape[0] for a, _ in merged.values()),
                 "rank_budget": rank,
                 "task_type": _task_type(adapters[0].config),
+                "base_model": base or adapters[0].config.base_model_name_or_path,
                 "predicted": served.get("predicted"),
             }
         for entry in plan["pruned"]:
@@ -503,9 +561,12 @@ def apply_plan(
         }
         (tmp / "routing.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "mergekit").mkdir()
-        for name, text in plan_to_mergekit(plan, paths, base).items():
+        for name, text in plan_to_mergekit(plan, paths, base, density=density).items():
             (tmp / "mergekit" / f"{name}.yaml").write_text(text)
-        (tmp / "peft_merge.py").write_text(plan_to_peft_calls(plan, paths, base))
+        ranks = {n: m.get("rank") for n, m in models.items()}
+        (tmp / "peft_merge.py").write_text(
+            plan_to_peft_calls(plan, paths, base, density=density, svd_ranks=ranks)
+        )
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -522,7 +583,11 @@ _MERGEKIT_METHOD = {
 
 
 def plan_to_mergekit(
-    plan: Mapping[str, Any], paths: Mapping[str, Path], base: str | None
+    plan: Mapping[str, Any],
+    paths: Mapping[str, Path],
+    base: str | None,
+    *,
+    density: float | None = None,
 ) -> dict[str, str]:
     """One mergekit YAML per merged group (``base+lora`` references; mergekit merges the
     dense weights and writes a full model, not an adapter)."""
@@ -531,7 +596,7 @@ def plan_to_mergekit(
         if served["decision"] == "route" or len(served["members"]) < 2:
             continue
         method = served.get("method") or "direct"
-        weights = served.get("weights") or {}
+        weights = served.get("weights") or _default_weights(method, served["members"])
         lines = [
             f"# mergeprobe plan: {served['decision']} {', '.join(served['members'])}",
             f"merge_method: {_MERGEKIT_METHOD[method]}",
@@ -543,7 +608,7 @@ def plan_to_mergekit(
             lines.append("    parameters:")
             lines.append(f"      weight: {float(weights.get(member, 1.0))!r}")
             if method in DEFAULT_DENSITY:
-                lines.append(f"      density: {DEFAULT_DENSITY[method]!r}")
+                lines.append(f"      density: {density or DEFAULT_DENSITY[method]!r}")
         # mergekit normalises TIES / DARE weights by default; the plan's predictions are for
         # the plain weighted sum, as PEFT's merge_utils computes it.
         lines += ["parameters:", "  normalize: false", "dtype: float32", ""]
@@ -554,7 +619,18 @@ def plan_to_mergekit(
 _PEFT_COMBINATION = {"direct": "cat", "mean": "cat", "ties": "ties_svd", "dare": "dare_linear_svd"}
 
 
-def plan_to_peft_calls(plan: Mapping[str, Any], paths: Mapping[str, Path], base: str | None) -> str:
+def _default_weights(method: str, members: Sequence[str]) -> dict[str, float]:
+    return {m: 1.0 / len(members) if method == "mean" else 1.0 for m in members}
+
+
+def plan_to_peft_calls(
+    plan: Mapping[str, Any],
+    paths: Mapping[str, Path],
+    base: str | None,
+    *,
+    density: float | None = None,
+    svd_ranks: Mapping[str, int | None] | None = None,
+) -> str:
     """The plan's merges as PEFT ``add_weighted_adapter`` calls (a script to read or run)."""
     lines = [
         '"""The merges of a mergeprobe plan as PEFT calls. `cat` is the exact ΔW sum;',
@@ -571,7 +647,7 @@ def plan_to_peft_calls(plan: Mapping[str, Any], paths: Mapping[str, Path], base:
             continue
         members = served["members"]
         method = served.get("method") or "direct"
-        weights = served.get("weights") or {}
+        weights = served.get("weights") or _default_weights(method, served["members"])
         for member in members:
             if first:
                 lines.append(
@@ -581,7 +657,14 @@ def plan_to_peft_calls(plan: Mapping[str, Any], paths: Mapping[str, Path], base:
                 first = False
             else:
                 lines.append(f"model.load_adapter({str(paths[member])!r}, adapter_name={member!r})")
-        extra = f", density={DEFAULT_DENSITY[method]!r}" if method in DEFAULT_DENSITY else ""
+        extra = ""
+        if method in DEFAULT_DENSITY:
+            # the *_svd types keep svd_rank directions (default: the largest member rank,
+            # lossy); the rank apply_plan wrote keeps the merge exact
+            extra = f", density={density or DEFAULT_DENSITY[method]!r}"
+            svd_rank = (svd_ranks or {}).get(served["name"])
+            if svd_rank:
+                extra += f", svd_rank={int(svd_rank)}"
         lines.append(
             f"model.add_weighted_adapter({members!r}, "
             f"{[float(weights.get(m, 1.0)) for m in members]!r}, adapter_name={served['name']!r}, "
@@ -612,10 +695,14 @@ def load_served_model(served_dir: str | os.PathLike, adapter: str, *, base_model
         )
     model_dir = served_dir / manifest["models"][route["model"]]["path"]
     head = load_file(str(served_dir / route["head"])) if route.get("head") else None
-    base = base_model if base_model is not None else manifest.get("base_model")
+    entry = manifest["models"][route["model"]]
+    base = (
+        base_model
+        if base_model is not None
+        else entry.get("base_model") or manifest.get("base_model")
+    )
     if isinstance(base, PeftModel):
         raise InvalidParameterError("base_model must be the bare base model, not a PeftModel")
-    entry = manifest["models"][route["model"]]
     model, _ = _load_peft_model(
         model_dir, base, head_tensors=head, task_type=entry.get("task_type"), **kwargs
     )

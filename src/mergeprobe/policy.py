@@ -241,8 +241,9 @@ class Policy:
 
         def hardness(i: int) -> float:
             values = first[i, kept[kept != i]]
-            finite = values[np.isfinite(values)]
-            return float(finite.mean()) if finite.size else -math.inf
+            finite = values[np.isfinite(values)].tolist()
+            # a plain left-to-right sum: equal means tie exactly and keep the input order
+            return sum(finite) / len(finite) if finite else -math.inf
 
         order = sorted(keep, key=hardness)  # stable: ties keep the input order
         group_of = np.full(n, -1)
@@ -272,7 +273,8 @@ class Policy:
                     chosen_low[take] = low[take]
                     chosen_method[take] = k_m
                 if np.isfinite(chosen_low).any() and chosen_low.max() >= self.tau:
-                    k = int(np.argmax(chosen_low))
+                    # the earliest group within 1e-12 of the best: near-ties keep the older group
+                    k = int(np.flatnonzero(chosen_low >= chosen_low.max() - 1e-12)[0])
                     best = (k, self.methods[int(chosen_method[k])])
             if best is None:
                 group_of[i] = len(group_members)
@@ -478,7 +480,7 @@ def build_plan(
     from ._util import clean_json, utc_now
     from ._version import __version__
     from .predictor import load_predictors
-    from .signals.compare import compatibility_key
+    from .signals.compare import compatibility_matrix
     from .signature import check_compatible
 
     signatures = list(signatures)
@@ -502,8 +504,7 @@ def build_plan(
 
     needed = {"drift_cosine"}.union(*(getattr(predictors[m], "features", ()) for m in methods))
     matrices = _signal_matrices(signatures, needed, progress)
-    keys = [compatibility_key(s) for s in signatures]
-    compared = np.array([[a == b for b in keys] for a in keys]) & ~np.eye(n, dtype=bool)
+    compared = compatibility_matrix(signatures).numpy() & ~np.eye(n, dtype=bool)
     rows, cols = np.nonzero(compared)
     retention, low, high = {}, {}, {}
     for method in methods:
@@ -519,6 +520,7 @@ def build_plan(
 
     index = {name: i for i, name in enumerate(names)}
     served, pruned = [], []
+    taken: set[str] = {"routing.json", "mergekit", "peft_merge.py", "heads"}
     for k, decision in enumerate(decisions, 1):
         if decision.decision == "prune":
             name, twin = decision.members
@@ -537,9 +539,16 @@ def build_plan(
                     float(1.0 - (1.0 - high[method][i, others]).sum()),
                 ],
             }
+        if decision.decision == "route":
+            served_name = decision.members[0]
+        else:  # never an adapter's own name, nor a file apply writes
+            served_name, suffix = f"merged-{k:02d}", 1
+            while served_name in index or served_name in taken:
+                served_name, suffix = f"merged-{k:02d}-{suffix}", suffix + 1
+        taken.add(served_name)
         served.append(
             {
-                "name": decision.members[0] if decision.decision == "route" else f"merged-{k:02d}",
+                "name": served_name,
                 "decision": decision.decision,
                 "method": decision.method,
                 "members": decision.members,
@@ -593,7 +602,7 @@ def build_plan(
             "routed": sum(s["decision"] == "route" for s in served),
             "pruned": len(pruned),
             "pairs_predicted": int(rows.size),
-            "pairs_skipped": int(incompatible.sum()),
+            "pairs_skipped": int(np.triu(incompatible).sum()),  # unordered, as listed
         },
         "served": served,
         "pruned": pruned,

@@ -12,6 +12,7 @@ from collections.abc import Collection
 
 import torch
 
+from ..exceptions import IncompatibleSignatureError
 from ..signature import Probe, Signature, check_compatible
 
 NAN = float("nan")
@@ -252,22 +253,40 @@ MATRIX_SIGNALS = frozenset(
 )
 
 
-def compatibility_key(signature: Signature) -> str:
-    """Signatures with equal keys pass ``check_compatible`` with each other."""
+def compatibility_matrix(signatures: list[Signature]) -> torch.Tensor:
+    """(n, n) bool: ``check_compatible`` passes for the pair (diagonal included).
+
+    Decided once per distinct metadata combination, not per pair: a thousand signatures
+    usually share a handful."""
     import json
 
-    base = signature.metadata.get("base_model") or {}
-    anchor = signature.metadata.get("anchor") or {}
-    return json.dumps(
-        [
-            base.get("architecture_fingerprint"),
-            base.get("weights_fingerprint"),
-            anchor.get("hash"),
-            anchor.get("inputs_hash"),
-            signature.metadata.get("sketch", {}),
-        ],
-        sort_keys=True,
-    )
+    def key(signature: Signature) -> str:
+        meta = signature.metadata
+        base = meta.get("base_model") or {}
+        return json.dumps(
+            [
+                base.get("architecture_fingerprint"),
+                base.get("weights_fingerprint"),
+                meta.get("anchor") or {},
+                meta.get("sketch", {}),
+            ],
+            sort_keys=True,
+            default=str,
+        )
+
+    keys = [key(s) for s in signatures]
+    distinct = sorted(set(keys))
+    first = {k: signatures[keys.index(k)] for k in distinct}
+    ok = torch.zeros((len(distinct), len(distinct)), dtype=torch.bool)
+    for i, a in enumerate(distinct):
+        for j, b in enumerate(distinct):
+            try:
+                check_compatible(first[a], first[b])
+                ok[i, j] = True
+            except IncompatibleSignatureError:
+                pass
+    codes = torch.tensor([distinct.index(k) for k in keys], dtype=torch.long)
+    return ok[codes][:, codes]
 
 
 def _stack(rows: list, keys: list, shape: tuple[int, ...]):
@@ -358,17 +377,17 @@ def pairwise_signal_matrices(
     cka_sum = (cka * dmask) @ dmask.T
     out["cka_self"] = torch.where(dshared > 0, cka_sum / dshared.clamp_min(1), nan)
     out["cka_other"] = out["cka_self"].T.clone()
-    if len(shapes) == 1 and ({"drift_cosine", "interference_ratio"} & set(names)):
-        (shape,) = shapes
-        # One hidden layer at a time: memory stays O(n · anchors · sketch), not O(n · layers …).
+    if shapes and ({"drift_cosine", "interference_ratio"} & set(names)):
+        # One hidden layer (and sketch shape: other shapes are other anchor sets, never
+        # compared) at a time: memory stays O(n · anchors · sketch).
         dots = torch.zeros((n, n), dtype=torch.float64)
         num = torch.zeros((n, n), dtype=torch.float64)
         self_energy = torch.zeros((n, n), dtype=torch.float64)
-        for layer in drift_layers:
+        for layer, shape in ((layer, shape) for layer in drift_layers for shape in sorted(shapes)):
             sketch, present = _stack(
                 [
                     ([0], r[1][r[0].index(layer)][None])
-                    if r is not None and layer in r[0]
+                    if r is not None and layer in r[0] and tuple(r[1].shape[1:]) == shape
                     else None
                     for r in sketch_rows
                 ],
@@ -401,9 +420,7 @@ def pairwise_signal_matrices(
         out.setdefault(name, nan.clone())
 
     # incompatible pairs and the diagonal are not comparisons
-    keys = [compatibility_key(s) for s in signatures]
-    codes = torch.tensor([sorted(set(keys)).index(k) for k in keys])
-    invalid = (codes[:, None] != codes[None, :]) | torch.eye(n, dtype=torch.bool)
+    invalid = ~compatibility_matrix(signatures) | torch.eye(n, dtype=torch.bool)
     return {k: torch.where(invalid, nan, out[k]) for k in names}
 
 
