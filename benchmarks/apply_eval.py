@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks import merge_retention as bench  # noqa: E402
-from benchmarks.plan_eval import load_config  # noqa: E402
+from benchmarks.plan_eval import chosen_predictor, load_config, open_runner  # noqa: E402
 from mergeprobe import SignatureStore, apply_plan, build_plan  # noqa: E402
 from mergeprobe import fit as fit_predictors  # noqa: E402
 from mergeprobe.adapters import normalize_name  # noqa: E402
 from mergeprobe.merge import read_adapter  # noqa: E402
 from mergeprobe.policy import Policy  # noqa: E402
-from mergeprobe.predictor import DEFAULT_FEATURES, METHODS  # noqa: E402
+from mergeprobe.predictor import METHODS  # noqa: E402
 
 
 def training_rows(frame: pd.DataFrame, seed: int, features: list[str], prefix: str) -> list[dict]:
@@ -79,9 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument(
         "--cache",
-        default=os.environ.get(
-            "MERGEPROBE_BENCH_CACHE", str(Path.home() / ".cache" / "mergeprobe" / "benchmark")
-        ),
+        default=str(bench.DEFAULT_CACHE),
     )
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--probe", default="final", help="signals the predictors use")
@@ -90,24 +87,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     config = load_config(results)
     frame = pd.read_csv(results / "pairs.csv")
-    features = list(DEFAULT_FEATURES)
-    chosen = results / "predictor_eval.json"
-    model = "ridge"
-    if chosen.is_file():
-        report = json.loads(chosen.read_text())
-        features, model = report["chosen_features"]["features"], report["chosen_model"]
-
-    import transformers
-    from transformers import AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    tasks = {name: bench.load_task(Path(config.data), name) for name in config.tasks}
-    adapters, key_of = bench.load_adapters(config, cache, tasks)
-    by_run = {a.run: a for a in adapters}
-    evaluator = bench.Evaluator(config, tokenizer, tasks)
-    measurements = bench.Measurements(cache / f"measurements-{config.eval_key()}.jsonl")
-    runner = bench.MergeRunner(config, evaluator, measurements, key_of)
+    features, model = chosen_predictor(results)
+    by_run, evaluator, runner = open_runner(config, cache)
     store = SignatureStore(cache / "stores" / config.store_key())
     prefix = evaluator.model.base_model_prefix
 

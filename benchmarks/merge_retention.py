@@ -102,6 +102,12 @@ _EVAL_ONLY = {
 }
 
 
+# Outside the work tree, so a fresh checkout resumes; shared by every benchmark script.
+DEFAULT_CACHE = Path(
+    os.environ.get("MERGEPROBE_BENCH_CACHE", Path.home() / ".cache" / "mergeprobe" / "benchmark")
+)
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -763,9 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--cache",
-        default=os.environ.get(
-            "MERGEPROBE_BENCH_CACHE", str(Path.home() / ".cache" / "mergeprobe" / "benchmark")
-        ),
+        default=str(DEFAULT_CACHE),
         help="adapters, signatures and measurements (default: $MERGEPROBE_BENCH_CACHE or "
         "~/.cache/mergeprobe/benchmark, outside the work tree so a fresh checkout can resume)",
     )

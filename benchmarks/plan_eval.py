@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -119,6 +118,31 @@ def evaluate_plan(decisions, runner, by_run) -> tuple[dict[str, float], list]:
     return retention, groups
 
 
+def chosen_predictor(results: Path, model: str | None = None) -> tuple[list[str], str]:
+    """The feature set and model predictor_eval.py chose (and shipped), if it ran."""
+    chosen = results / "predictor_eval.json"
+    if not chosen.is_file():
+        return list(DEFAULT_FEATURES), model or "ridge"
+    report = json.loads(chosen.read_text())
+    return report["chosen_features"]["features"], model or report["chosen_model"]
+
+
+def open_runner(config: bench.BenchConfig, cache: Path):
+    """The benchmark's trained adapters (by run name), evaluator and cached merge runner."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tasks = {name: bench.load_task(Path(config.data), name) for name in config.tasks}
+    adapters, key_of = bench.load_adapters(config, cache, tasks)
+    by_run = {a.run: a for a in adapters}
+    evaluator = bench.Evaluator(config, tokenizer, tasks)
+    measurements = bench.Measurements(cache / f"measurements-{config.eval_key()}.jsonl")
+    runner = bench.MergeRunner(config, evaluator, measurements, key_of)
+    return by_run, evaluator, runner
+
+
 def summarise(label: str, retention: dict[str, float], served: int, tau: float, groups: str):
     values = list(retention.values())
     return {
@@ -148,9 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument(
         "--cache",
-        default=os.environ.get(
-            "MERGEPROBE_BENCH_CACHE", str(Path.home() / ".cache" / "mergeprobe" / "benchmark")
-        ),
+        default=str(bench.DEFAULT_CACHE),
         help="the benchmark's cache (adapters and measurements)",
     )
     parser.add_argument("--tau", type=float, default=0.9, help="the policy's threshold")
@@ -168,27 +190,11 @@ def main(argv=None) -> int:
     config = load_config(results)
     table = pd.read_csv(results / "pairs.csv")
     frame = table[~table.same_task].reset_index(drop=True)
-    # the feature set and model that predictor_eval.py chose (and shipped), if it ran
-    features, model = list(DEFAULT_FEATURES), args.model
-    chosen = results / "predictor_eval.json"
-    if chosen.is_file():
-        report = json.loads(chosen.read_text())
-        features = report["chosen_features"]["features"]
-        model = args.model or report["chosen_model"]
-    predicted = predicted_pairs(frame, args.probe, model or "ridge", features)
+    features, model = chosen_predictor(results, args.model)
+    predicted = predicted_pairs(frame, args.probe, model, features)
     measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
 
-    import transformers
-    from transformers import AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    tasks = {name: bench.load_task(Path(config.data), name) for name in config.tasks}
-    adapters, key_of = bench.load_adapters(config, cache, tasks)
-    by_run = {a.run: a for a in adapters}
-    evaluator = bench.Evaluator(config, tokenizer, tasks)
-    measurements = bench.Measurements(cache / f"measurements-{config.eval_key()}.jsonl")
-    runner = bench.MergeRunner(config, evaluator, measurements, key_of)
+    by_run, evaluator, runner = open_runner(config, cache)
 
     rows, sweep = [], []
     for seed in config.seeds:
@@ -234,7 +240,7 @@ def main(argv=None) -> int:
         f"Scenario per seed: one adapter per task ({len(config.tasks)} adapters, r={config.rank}). "
         f"Retention = accuracy of the served model on the member's task / the adapter alone "
         f"(measured). Plan: `Policy(tau={args.tau}).plan`, groups merged and measured. "
-        f"Predicted retentions: {model or 'ridge'} on {', '.join(features)} at {args.probe}, "
+        f"Predicted retentions: {model} on {', '.join(features)} at {args.probe}, "
         "leave-one-task-out.",
         "",
         f"| strategy | served models | mean retention | worst | members < {args.tau} | merged groups |",

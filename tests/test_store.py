@@ -192,7 +192,7 @@ def test_eight_processes_writing_one_store_lose_nothing(tmp_path):
 def test_interleaved_rewrites_of_one_entry_leave_a_whole_entry(tmp_path, monkeypatch):
     store = SignatureStore(tmp_path)
     mine, theirs = _signature("shared", seed=1), _signature("shared", seed=2)
-    real_write = store_module._atomic_write
+    real_write = store_module.atomic_write
     interleaved = False
 
     def write_then_let_the_other_writer_in(path, data):
@@ -202,7 +202,7 @@ def test_interleaved_rewrites_of_one_entry_leave_a_whole_entry(tmp_path, monkeyp
             interleaved = True
             store.save(theirs)  # another process's complete save lands between our two files
 
-    monkeypatch.setattr(store_module, "_atomic_write", write_then_let_the_other_writer_in)
+    monkeypatch.setattr(store_module, "atomic_write", write_then_let_the_other_writer_in)
     store.save(mine)
     monkeypatch.undo()
     loaded = store.load("shared")  # old or new, never half of each

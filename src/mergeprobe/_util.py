@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
@@ -10,6 +13,25 @@ from typing import Any
 def utc_now() -> str:
     """The current time, ISO 8601 UTC to the second (``2026-11-23T18:00:00Z``)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, rename: readers see the old
+    file or the new one, never a part."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def clean_json(value: Any) -> Any:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._util import atomic_write
 from ._version import __version__
 from .exceptions import MergeprobeError
 
@@ -105,15 +104,7 @@ def _add(args: argparse.Namespace) -> int:
 
 def _write_json(path: Path, document) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def _plan(args: argparse.Namespace) -> int:

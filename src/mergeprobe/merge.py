@@ -8,6 +8,7 @@ dense ΔW, never on the factors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -90,15 +91,19 @@ def merge_deltas(
             members = [
                 (d[layer].float(), w) for d, w in zip(deltas, weights, strict=True) if layer in d
             ]
-            tensors = [t for t, _ in members]
-            w = torch.tensor([wk for _, wk in members], dtype=torch.float32)
-            if method in ("direct", "mean"):
-                merged[layer] = merge_utils.task_arithmetic(tensors, w)
-            elif method == "ties":
-                merged[layer] = merge_utils.ties(tensors, w, density=density)
-            else:
-                merged[layer] = merge_utils.dare_linear(tensors, w, density=density)
+            merged[layer] = _merge_layer(members, method, density)
     return merged
+
+
+def _merge_layer(members, method: str, density: float | None) -> torch.Tensor:
+    """One layer's merged ΔW from ``(ΔW_k, w_k)`` pairs, with PEFT's ``merge_utils``."""
+    tensors = [t for t, _ in members]
+    w = torch.tensor([float(wk) for _, wk in members], dtype=torch.float32)
+    if method in ("direct", "mean"):
+        return merge_utils.task_arithmetic(tensors, w)
+    if method == "ties":
+        return merge_utils.ties(tensors, w, density=density)
+    return merge_utils.dare_linear(tensors, w, density=density)
 
 
 # -- merged PEFT adapters on disk ---------------------------------------------------------
@@ -192,31 +197,27 @@ def read_adapter(path: str | os.PathLike) -> AdapterWeights:
     return AdapterWeights(path, config, factors, extras)
 
 
-def _svd_factors(
-    left: torch.Tensor, right: torch.Tensor, rank: int | None, tol: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B @ A the best rank-``rank`` approximation of left @ right (exact rank when
-    ``rank`` is None), through QR of the factors: never an SVD of the full matrix."""
-    q_l, r_l = torch.linalg.qr(left.double())
-    q_r, r_r = torch.linalg.qr(right.double().T)
-    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
-    keep = int((s > tol * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
-    if rank is not None:
-        keep = min(keep, rank)
-    keep = max(keep, 1)
-    root = s[:keep].sqrt()
-    b = (q_l @ u[:, :keep]) * root
-    a = root[:, None] * (vh[:keep] @ q_r.T)
-    return b.float(), a.float()
-
-
-def _factor_dense(dense: torch.Tensor, rank: int | None, tol: float = 1e-6):
-    """(B, A) from the SVD of a dense ΔW: exact rank when ``rank`` is None."""
-    u, s, vh = torch.linalg.svd(dense.double(), full_matrices=False)
+def _split(u, s, vh, rank: int | None, tol: float = 1e-6):
+    """(B, A) = (U √S, √S Vᴴ) over the singular values above ``tol`` · the largest (exact
+    rank), at most ``rank`` of them."""
     keep = int((s > tol * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
     keep = max(min(keep, rank) if rank is not None else keep, 1)
     root = s[:keep].sqrt()
     return (u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float()
+
+
+def _svd_factors(left: torch.Tensor, right: torch.Tensor, rank: int | None):
+    """(B, A) for left @ right truncated to ``rank``, through QR of the factors: never an SVD
+    of the full matrix."""
+    q_l, r_l = torch.linalg.qr(left.double())
+    q_r, r_r = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
+    return _split(q_l @ u, s, vh @ q_r.T, rank)
+
+
+def _factor_dense(dense: torch.Tensor, rank: int | None):
+    """(B, A) from the SVD of a dense ΔW: exact rank when ``rank`` is None."""
+    return _split(*torch.linalg.svd(dense.double(), full_matrices=False), rank)
 
 
 def merge_adapters(
@@ -276,12 +277,9 @@ def _merge_module(adapters, coefficients, module, method, rank, density):
         if rank is not None and rank < left.shape[1]:
             left, right = _svd_factors(left, right, rank)
         return right, left
-    tensors = [s * b.float() @ a.float() for (a, b, s), _ in members]
-    w = torch.tensor([float(wk) for _, wk in members], dtype=torch.float32)
-    if method == "ties":
-        dense = merge_utils.ties(tensors, w, density=density)
-    else:
-        dense = merge_utils.dare_linear(tensors, w, density=density)
+    dense = _merge_layer(
+        [(s * b.float() @ a.float(), w) for (a, b, s), w in members], method, density
+    )
     left, right = _factor_dense(dense, rank)
     return right, left
 
@@ -337,8 +335,6 @@ def save_merged_adapter(
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists():
-        raise InvalidParameterError(f"{out} already exists; choose a new output directory")
     r = max(a.shape[0] for a, _ in merged.values())
     state: dict[str, torch.Tensor] = {}
     for module, (a, b) in merged.items():
@@ -368,15 +364,26 @@ def save_merged_adapter(
         task_type=None,
         base_model_name_or_path=base_model or template.config.base_model_name_or_path,
     )
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with _staged_directory(out) as tmp:
         config.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@contextlib.contextmanager
+def _staged_directory(out: Path):
+    """A temporary directory beside ``out``, renamed to ``out`` when the block succeeds and
+    removed when it fails: readers never see a half-written result."""
+    if out.exists():
+        raise InvalidParameterError(f"{out} already exists; choose a new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 ROUTING_SCHEMA = "mergeprobe.routing/1"
@@ -469,7 +476,7 @@ def apply_plan(
     """
     _check_plan(plan)
     out = Path(out)
-    if out.exists():
+    if out.exists():  # before the (slow) reading and checking of every adapter
         raise InvalidParameterError(f"{out} already exists; choose a new output directory")
     paths = _resolve_paths(plan, adapter_paths)
     base = base_model or ((plan.get("base_model") or {}).get("name_or_path"))
@@ -488,8 +495,6 @@ def apply_plan(
                 )
         else:
             _check_weights_file(paths[served["members"][0]])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     models: dict[str, Any] = {}
     routes: dict[str, Any] = {}
     served_list = list(plan["served"])
@@ -497,7 +502,7 @@ def apply_plan(
         from tqdm.auto import tqdm
 
         served_list = tqdm(served_list, desc="writing served models", unit="model")
-    try:
+    with _staged_directory(out) as tmp:
         for served in served_list:
             name, members = served["name"], list(served["members"])
             target = tmp / name
@@ -567,10 +572,6 @@ def apply_plan(
         (tmp / "peft_merge.py").write_text(
             plan_to_peft_calls(plan, paths, base, density=density, svd_ranks=ranks)
         )
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

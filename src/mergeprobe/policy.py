@@ -349,6 +349,11 @@ def _partner_probe(own_fraction: float | None, other) -> tuple[Any, str]:
     return probe, f"{probe.kind} state"
 
 
+def _needed_signals(predictors: Iterable[Any]) -> set[str]:
+    """The signals the predictors read, and the drift cosine that decides pruning."""
+    return {"drift_cosine"}.union(*(getattr(p, "features", ()) for p in predictors))
+
+
 def predict_pairs(
     signature,
     partners: Sequence,
@@ -366,7 +371,7 @@ def predict_pairs(
     probe = probe if probe is not None else signature.probes[-1]
     # Only the signals the predictors read (and the redundancy): the costly ones are most of
     # the time of a decision against a large store.
-    needed = {"drift_cosine"}.union(*(getattr(p, "features", ()) for p in predictors.values()))
+    needed = _needed_signals(predictors.values())
     predictions, notes = [], []
     for other in partners:
         if other.name == signature.name:
@@ -502,7 +507,7 @@ def build_plan(
     n = len(names)
     include_pairs = n <= 200 if include_pairs is None else include_pairs
 
-    needed = {"drift_cosine"}.union(*(getattr(predictors[m], "features", ()) for m in methods))
+    needed = _needed_signals(predictors[m] for m in methods)
     matrices = _signal_matrices(signatures, needed, progress)
     compared = compatibility_matrix(signatures).numpy() & ~np.eye(n, dtype=bool)
     rows, cols = np.nonzero(compared)
@@ -531,12 +536,11 @@ def build_plan(
         for member in decision.members:
             i = index[member]
             others = [index[o] for o in decision.members if o != member]
-            # set_retention (additive damages), vectorised for large groups
             predicted[member] = {
-                "retention": float(1.0 - (1.0 - retention[method][i, others]).sum()),
+                "retention": set_retention(retention[method][i, others]),
                 "interval": [
-                    float(1.0 - (1.0 - low[method][i, others]).sum()),
-                    float(1.0 - (1.0 - high[method][i, others]).sum()),
+                    set_retention(low[method][i, others]),
+                    set_retention(high[method][i, others]),
                 ],
             }
         if decision.decision == "route":

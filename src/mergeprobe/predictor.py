@@ -243,10 +243,8 @@ def set_retention(pairwise: Sequence[float]) -> float:
     Damages add: ``1 - Σ_j (1 - R_{i|j})`` (each partner's ΔW adds its own perturbation to
     the merged weights). Checked against the benchmark's measured triples.
     """
-    values = [float(r) for r in pairwise]
-    if not values:
-        return 1.0
-    return 1.0 - sum(1.0 - r for r in values)
+    values = np.asarray(pairwise, dtype=float)  # lists and arrays alike (plans of 1000s)
+    return float(1.0 - np.sum(1.0 - values))
 
 
 # -- safe persistence ---------------------------------------------------------------------

@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._util import clean_json
+from ._util import atomic_write, clean_json
 from .exceptions import CorruptSignatureError, InvalidParameterError
 from .signature import Signature
 
@@ -40,20 +39,6 @@ def sanitize_name(text: str) -> str:
     """A store-safe entry name made from any text (runs of other characters become '-')."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-._")
     return name[:200] or "run"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class SignatureStore:
@@ -224,9 +209,9 @@ class SignatureStore:
         document["tensors_file"] = f"{name}.{document['tensors_sha256'][:16]}.safetensors"
         meta_path = self._dir / f"{name}.json"
         previous = self._referenced_tensor_file(name)
-        _atomic_write(self._dir / document["tensors_file"], blob)
+        atomic_write(self._dir / document["tensors_file"], blob)
         text = json.dumps(clean_json(document), indent=2, sort_keys=True, allow_nan=False)
-        _atomic_write(meta_path, (text + "\n").encode())
+        atomic_write(meta_path, (text + "\n").encode())
         if previous is not None and previous.name != document["tensors_file"]:
             # A reader holding the old metadata retries and finds the new entry.
             with contextlib.suppress(FileNotFoundError):
