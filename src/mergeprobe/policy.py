@@ -399,14 +399,20 @@ def predict_pairs(
                 redundancy=forward.get("drift_cosine", math.nan),
             )
         )
-        notes.append(
-            {
-                "with": other.name,
-                "partner_state": used,
-                "shared_layers": int(forward["shared_layers"]),
-                "layer_coverage": forward["layer_coverage"],
-            }
-        )
+        note = {
+            "with": other.name,
+            "partner_state": used,
+            "shared_layers": int(forward["shared_layers"]),
+            "layer_coverage": forward["layer_coverage"],
+        }
+        if forward["layer_coverage"] < 1 or backward["layer_coverage"] < 1:
+            # Different target-module sets: the signals cover only the layers both adapt.
+            note["layers_note"] = (
+                f"compared with {other.name} on the {note['shared_layers']} LoRA layers both "
+                f"adapt ({signature.name} adapts {len(signature.layers)}, {other.name} "
+                f"{len(other.layers)})"
+            )
+        notes.append(note)
     return predictions, notes
 
 

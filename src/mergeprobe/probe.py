@@ -25,6 +25,7 @@ from .adapters import (
     base_model_name,
     base_weights_fingerprint,
     find_lora_layers,
+    gathered,
     unwrap_model,
 )
 from .anchors import DEFAULT_ANCHOR_TEXTS, anchor_hash, tokenize_anchors
@@ -136,11 +137,12 @@ class SignalRecorder:
     def capture_initial(self) -> None:
         """Remember factors that do not start at ΔW = 0 (PiSSA, OLoRA...), so ΔW is relative."""
         for ref in self.layers:
-            if bool(ref.lora_B.detach().abs().sum() > 0):
-                self.initial[ref.name] = (
-                    ref.lora_A.detach().float().clone(),
-                    ref.lora_B.detach().float().clone(),
-                )
+            with gathered(ref.parameters()[:2]):
+                if bool(ref.lora_B.detach().abs().sum() > 0):
+                    self.initial[ref.name] = (
+                        ref.lora_A.detach().float().clone(),
+                        ref.lora_B.detach().float().clone(),
+                    )
 
     @contextlib.contextmanager
     def _adapter_disabled(self):
@@ -198,10 +200,11 @@ class SignalRecorder:
     def measure_update(self) -> dict[str, torch.Tensor]:
         sketches, norms, entries = [], [], []
         for ref in self.layers:
-            update = ref.update(self.initial.get(ref.name))
-            norms.append(torch.tensor(update_norm(update)))  # exact, by the Gram identity
-            sketches.append(sketch_update(update, ref.name, self.sketch_size))
-            entries.append(sample_update_entries(update, ref.name, self.entry_count))
+            with gathered(ref.parameters()):
+                update = ref.update(self.initial.get(ref.name))
+                norms.append(torch.tensor(update_norm(update)))  # exact, by the Gram identity
+                sketches.append(sketch_update(update, ref.name, self.sketch_size))
+                entries.append(sample_update_entries(update, ref.name, self.entry_count))
         return {
             "update_sketch": torch.stack(sketches),
             "update_norm": torch.stack(norms),

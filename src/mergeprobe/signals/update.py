@@ -6,6 +6,7 @@ Exact inner products never form the (out × in) matrix: by the Gram identity
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,10 @@ class LowRankUpdate:
 
     ``A`` is (r, in), ``B`` is (out, r), in the ``nn.Linear`` convention (out × in) whatever
     the layer's storage layout.
+
+    DoRA (``magnitude`` and ``base_weight`` given) rescales each output row of the adapted
+    weight: W' = diag(m / ‖W + sBA‖_row) (W + sBA), so ΔW = W' − (W + s·B0·A0) is no longer
+    low-rank; its signals are then computed from the dense matrix.
     """
 
     A: torch.Tensor
@@ -26,6 +31,12 @@ class LowRankUpdate:
     scale: float
     A0: torch.Tensor | None = None
     B0: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    base_weight: torch.Tensor | None = None
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.magnitude is None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -33,6 +44,8 @@ class LowRankUpdate:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, R) in float32 with L @ R == ΔW, the scale folded into L."""
+        if not self.is_low_rank:
+            raise ValueError("a DoRA update is not low-rank: use dense()")
         left = self.B.detach().float() * float(self.scale)
         right = self.A.detach().float()
         if self.A0 is not None and self.B0 is not None:
@@ -41,12 +54,34 @@ class LowRankUpdate:
         return left, right
 
     def dense(self) -> torch.Tensor:
-        left, right = self.factors()
-        return left @ right
+        if self.is_low_rank:
+            left, right = self.factors()
+            return left @ right
+        return self._dora_dense
+
+    @functools.cached_property
+    def _dora_dense(self) -> torch.Tensor:
+        # Formed once per update: the norm, the sketch and the entries all read it.
+        weight = self.base_weight.detach().float()
+        lora = (self.B.detach().float() * float(self.scale)) @ self.A.detach().float()
+        reference = weight
+        if self.A0 is not None and self.B0 is not None:
+            reference = weight + (self.B0.float() * float(self.scale)) @ self.A0.float().to(
+                weight.device
+            )
+        adapted = weight + lora
+        # The row norm is detached in PEFT too; here it is taken in float32.
+        row_scale = self.magnitude.detach().float().to(weight.device) / torch.linalg.norm(
+            adapted, dim=1
+        )
+        return row_scale[:, None] * adapted - reference
 
 
 def update_inner(u: LowRankUpdate, v: LowRankUpdate) -> float:
     """Exact Frobenius inner product <ΔW_u, ΔW_v> from the factors (Gram identity)."""
+    if not (u.is_low_rank and v.is_low_rank):
+        du, dv = u.dense(), v.dense()
+        return float((du * dv.to(du.device)).sum())
     lu, ru = u.factors()
     lv, rv = v.factors()
     lv, rv = lv.to(lu.device), rv.to(lu.device)
@@ -66,8 +101,13 @@ def update_cosine(u: LowRankUpdate, v: LowRankUpdate, eps: float = 1e-12) -> flo
 
 def sketch_update(u: LowRankUpdate, layer: str, size: int) -> torch.Tensor:
     """The (size, size) two-sided sketch P ΔW Qᵀ = (P L)(R Qᵀ), with P, Q seeded by layer."""
-    left, right = u.factors()
     out_dim, in_dim = u.shape
+    if not u.is_low_rank:
+        dense = u.dense()
+        p = projection("out", layer, out_dim, size, dense.device)
+        q = projection("in", layer, in_dim, size, dense.device)
+        return (p @ dense @ q.T).cpu()
+    left, right = u.factors()
     p = projection("out", layer, out_dim, size, left.device)
     q = projection("in", layer, in_dim, size, right.device)
     return ((p @ left) @ (right @ q.T)).cpu()
@@ -75,7 +115,11 @@ def sketch_update(u: LowRankUpdate, layer: str, size: int) -> torch.Tensor:
 
 def sample_update_entries(u: LowRankUpdate, layer: str, count: int) -> torch.Tensor:
     """ΔW at ``count`` fixed positions seeded by layer name (for TIES-style sign agreement)."""
-    left, right = u.factors()
     out_dim, in_dim = u.shape
+    if not u.is_low_rank:
+        dense = u.dense()
+        rows, cols = entry_positions(layer, out_dim, in_dim, count).to(dense.device)
+        return dense[rows, cols].cpu()
+    left, right = u.factors()
     rows, cols = entry_positions(layer, out_dim, in_dim, count).to(left.device)
     return (left[rows] * right[:, cols].T).sum(dim=1).cpu()

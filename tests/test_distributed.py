@@ -1,0 +1,129 @@
+"""Two-process DDP on CPU (torchrun, gloo): the same signature as one process, one writer,
+the same decision on every rank, and an early stop without a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeprobe import SignatureStore, read_log
+
+from . import ddp_worker
+
+WORKER = Path(ddp_worker.__file__)
+
+
+def _torchrun(out: Path, store: Path, *jobs: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out),
+        str(store),
+        *jobs,
+    ]
+    # A hang (ranks disagreeing on a collective) must fail the test, not the CI job.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_ddp_matches_one_process_and_stops_every_rank_together(tmp_path):
+    single_store, ddp_store = tmp_path / "single-store", tmp_path / "ddp-store"
+    (tmp_path / "single").mkdir()
+    (tmp_path / "ddp").mkdir()
+    reference = ddp_worker.train(tmp_path / "single", single_store, "ref", world_size=1)
+    assert reference["global_step"] == ddp_worker.MAX_STEPS and not reference["failures"]
+
+    ranks = _torchrun(tmp_path / "ddp", ddp_store, "ref", "stopper:stop")
+
+    # -- the plain run: every rank trained to the end, without failures
+    for rank, results in enumerate(ranks):
+        ref, stopper = results
+        assert ref["rank"] == rank and ref["world_size"] == 2
+        assert ref["global_step"] == ddp_worker.MAX_STEPS
+        assert not ref["failures"] and not stopper["failures"]
+    # only the writer decided and wrote
+    assert ranks[0][0]["decision"] == "merge" and ranks[1][0]["decision"] is None
+    records = read_log(tmp_path / "ddp" / "ref" / "mergeprobe.jsonl")
+    assert [r["event"] for r in records] == ["probe", "probe", "probe", "decision", "final"]
+
+    # signals reduced across ranks equal those of one process on the same global batch
+    one = SignatureStore(single_store).load("ref")
+    two = SignatureStore(ddp_store).load("ref")
+    assert two.metadata["training"]["world_size"] == 2
+    assert [p.step for p in two.probes] == [p.step for p in one.probes] == [1, 2, 5, 20]
+    for p1, p2 in zip(one.probes, two.probes, strict=True):
+        assert p1.families == p2.families == ["update", "gradient", "drift"]
+        assert p1.info["grad_steps"] == p2.info["grad_steps"]
+        for key, value in p1.tensors.items():
+            torch.testing.assert_close(p2.tensors[key], value, rtol=2e-3, atol=1e-6, msg=key)
+
+    # -- the stopping run: "route" against ref, and both ranks stop at the horizon (step 5)
+    assert [results[1]["global_step"] for results in ranks] == [5, 5]
+    assert ranks[0][1]["decision"] == "route"
+    records = read_log(tmp_path / "ddp" / "stopper" / "mergeprobe.jsonl")
+    kinds = [r["event"] for r in records]
+    assert kinds.count("decision") == 1 and kinds.count("stopped") == 1
+    decision = next(r for r in records if r["event"] == "decision")
+    assert [p["with"] for p in decision["pairs"]] == ["ref"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_fsdp2_shards_measure_like_one_process(tmp_path):
+    """FSDP2 (raw ``fully_shard``; accelerate enables FSDP only on GPUs): LoRA factors, base
+    weights and gradients are DTensor shards, gathered on every rank at the probe."""
+    from safetensors import safe_open
+
+    worker = WORKER.with_name("fsdp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run(
+        [sys.executable, str(worker), str(one)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    def load(path):
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["describe"])  # noqa: SIM118
+
+    (single, single_meta), (sharded, sharded_meta) = load(one), load(two)
+    assert sorted(sharded) == sorted(single)
+    assert {"update_sketch", "grad_sketch", "drift_sketch"} <= set(sharded)
+    for key, value in single.items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    # the base fingerprint is of the whole weights, so the runs are comparable
+    assert sharded_meta["base_model"] == single_meta["base_model"]
+    assert sharded_meta["layer_shapes"] == single_meta["layer_shapes"]
