@@ -16,7 +16,6 @@ Writes apply_eval.md and apply_eval.json into the results folder.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -31,11 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks import merge_retention as bench  # noqa: E402
-from benchmarks.plan_eval import chosen_predictor, load_config, open_runner  # noqa: E402
+from benchmarks.plan_eval import (  # noqa: E402
+    benchmark_arguments,
+    chosen_predictor,
+    load_config,
+    open_runner,
+)
 from mergeprobe import SignatureStore, apply_plan, build_plan  # noqa: E402
 from mergeprobe import fit as fit_predictors  # noqa: E402
-from mergeprobe.adapters import normalize_name  # noqa: E402
-from mergeprobe.merge import read_adapter  # noqa: E402
 from mergeprobe.policy import Policy  # noqa: E402
 from mergeprobe.predictor import METHODS  # noqa: E402
 
@@ -52,15 +54,6 @@ def training_rows(frame: pd.DataFrame, seed: int, features: list[str], prefix: s
     return rows
 
 
-def served_deltas(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Dense ΔW of a written (scale-1) merged adapter, keyed as the evaluator expects."""
-    adapter = read_adapter(path)
-    return {
-        normalize_name(module, prefix): scale * b.float() @ a.float()
-        for module, (a, b, scale) in adapter.factors.items()
-    }
-
-
 def head_from_file(template: torch.nn.Module, path: Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
@@ -72,17 +65,7 @@ def head_from_file(template: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument(
-        "--cache",
-        default=str(bench.DEFAULT_CACHE),
-    )
-    parser.add_argument("--tau", type=float, default=0.9)
-    parser.add_argument("--probe", default="final", help="signals the predictors use")
-    args = parser.parse_args(argv)
+    args = benchmark_arguments(__doc__, probe="final").parse_args(argv)
     results, cache = Path(args.results), Path(args.cache)
     started = time.perf_counter()
     config = load_config(results)
@@ -113,7 +96,7 @@ def main(argv=None) -> int:
             for served in plan["served"]:
                 if len(served["members"]) < 2:
                     continue
-                deltas = served_deltas(served_dir / served["name"], prefix)
+                deltas = bench.adapter_deltas(served_dir / served["name"], prefix)
                 inside_all = True
                 for member in served["members"]:
                     target = by_run[member]

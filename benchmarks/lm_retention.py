@@ -32,6 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+from benchmarks.merge_retention import DeltaWriter, adapter_deltas  # noqa: E402
+
 METHODS = ("direct", "mean", "ties", "dare")
 DENSITY = {"ties": 0.2, "dare": 0.5}
 # A loss improvement smaller than this (nats per token) leaves gain retention undefined.
@@ -57,8 +60,6 @@ class LMEvaluator:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mergeprobe.adapters import normalize_name
-
         if isinstance(model, str | os.PathLike):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
             # float32: W0 + ΔW must not be rounded to the checkpoint's bf16
@@ -70,25 +71,11 @@ class LMEvaluator:
         tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
         self.max_length, self.batch_size = max_length, batch_size
-        self.base_prefix = prefix = getattr(self.model, "base_model_prefix", None)
-        self._modules = {
-            normalize_name(name, prefix): module
-            for name, module in self.model.named_modules()
-            if isinstance(module, nn.Linear)
-        }
-        self._base = {n: m.weight.detach().clone() for n, m in self._modules.items()}
-        self._current: set[str] = set()
+        self.base_prefix = getattr(self.model, "base_model_prefix", None)
+        self.writer = DeltaWriter(self.model)
 
-    @torch.no_grad()
     def set_deltas(self, deltas: Mapping[str, torch.Tensor]) -> None:
-        unknown = sorted(set(deltas) - set(self._modules))
-        if unknown:
-            raise KeyError(f"layers not in the base model: {unknown[:3]}")
-        for name in self._current | set(deltas):
-            base = self._base[name]
-            value = base + deltas[name].to(base.dtype) if name in deltas else base
-            self._modules[name].weight.copy_(value)
-        self._current = set(deltas)
+        self.writer.write(dict(deltas))
 
     def batches(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         out = []
@@ -118,20 +105,6 @@ class LMEvaluator:
             total += float(self.model(**inputs).loss) * n
             count += n
         return total / max(count, 1.0)
-
-
-def adapter_deltas(
-    path: str | os.PathLike, base_prefix: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Dense ΔW of a PEFT LoRA adapter on disk (safetensors only; PEFT's own scales), keyed
-    like ``LMEvaluator`` names layers (``base_prefix``: the base model's, e.g. "model")."""
-    from mergeprobe.adapters import normalize_name
-    from mergeprobe.merge import read_adapter
-
-    return {
-        normalize_name(module, base_prefix): (b.float() @ a.float()) * scale
-        for module, (a, b, scale) in read_adapter(path).factors.items()
-    }
 
 
 def measure_lm_pairs(

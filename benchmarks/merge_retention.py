@@ -290,6 +290,45 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
+class DeltaWriter:
+    """Writes W0 + ΔW into a model's linear layers (keyed by normalized name) and restores W0
+    in the layers the previous write touched and this one does not."""
+
+    def __init__(self, model: nn.Module, under: str | None = None):
+        from mergeprobe.adapters import normalize_name
+
+        prefix = getattr(model, "base_model_prefix", None)
+        self.modules = {
+            normalize_name(name, prefix): module
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (under is None or name.startswith(under + "."))
+        }
+        self.base = {name: m.weight.detach().clone() for name, m in self.modules.items()}
+        self._current: set[str] = set()
+
+    @torch.no_grad()
+    def write(self, deltas: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(deltas) - set(self.modules))
+        if unknown:
+            raise KeyError(f"layers not in the base model: {unknown[:3]}")
+        for name in self._current | set(deltas):
+            base = self.base[name]
+            value = base + deltas[name].to(base.dtype) if name in deltas else base
+            self.modules[name].weight.copy_(value)
+        self._current = set(deltas)
+
+
+def adapter_deltas(path: Path, base_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Dense ΔW of a LoRA adapter on disk (PEFT's own scales), keyed like ``DeltaWriter``."""
+    from mergeprobe.adapters import normalize_name
+    from mergeprobe.merge import read_adapter
+
+    return {
+        normalize_name(module, base_prefix): delta
+        for module, delta in read_adapter(path).deltas().items()
+    }
+
+
 class Evaluator:
     """One base model in memory; a merge is evaluated by writing W0 + ΔW into its target
     layers and swapping in the task's own head."""
@@ -297,23 +336,14 @@ class Evaluator:
     def __init__(self, config: BenchConfig, tokenizer, tasks: dict[str, Task]):
         from transformers import AutoModelForSequenceClassification
 
-        from mergeprobe.adapters import normalize_name
-
         self.config = config
         self.model = AutoModelForSequenceClassification.from_pretrained(
             config.model, num_labels=2
         ).eval()
         self.model.requires_grad_(False)
-        prefix = self.model.base_model_prefix
-        self.backbone = self.model.get_submodule(prefix)
         self.head_name = "classifier" if hasattr(self.model, "classifier") else "score"
-        self.base_weights = {
-            normalize_name(name, prefix): module.weight.detach().clone()
-            for name, module in self.model.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(prefix + ".")
-        }
+        self.writer = DeltaWriter(self.model, under=self.model.base_model_prefix)
         self.batches = {name: self._batches(tokenizer, task) for name, task in tasks.items()}
-        self._current: dict[str, torch.Tensor] = {}
 
     def _batches(self, tokenizer, task: Task) -> list[dict]:
         import transformers
@@ -324,15 +354,8 @@ class Evaluator:
         size = self.config.eval_batch_size
         return [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
 
-    @torch.no_grad()
     def set_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
-        for name in set(self._current) | set(deltas):
-            module = self.backbone.get_submodule(name)
-            weight = self.base_weights[name]
-            module.weight.copy_(
-                weight + deltas[name].to(weight.dtype) if name in deltas else weight
-            )
-        self._current = dict(deltas)
+        self.writer.write(deltas)
 
     @torch.no_grad()
     def accuracy(self, task: str, head: nn.Module) -> float:

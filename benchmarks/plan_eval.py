@@ -165,9 +165,10 @@ def describe_groups(groups) -> str:
     return "; ".join(merged) or "—"
 
 
-def main(argv=None) -> int:
+def benchmark_arguments(description: str, probe: str) -> argparse.ArgumentParser:
+    """The options every evaluation on the benchmark's results shares."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument(
@@ -176,7 +177,14 @@ def main(argv=None) -> int:
         help="the benchmark's cache (adapters and measurements)",
     )
     parser.add_argument("--tau", type=float, default=0.9, help="the policy's threshold")
-    parser.add_argument("--probe", default="p05", help="signals of the predictions (p01..final)")
+    parser.add_argument(
+        "--probe", default=probe, help="signals the predictors use (p01..p10, final)"
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = benchmark_arguments(__doc__, probe="p05")
     parser.add_argument(
         "--model",
         choices=("ridge", "boosting"),

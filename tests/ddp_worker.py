@@ -23,36 +23,16 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script by torchrun
+from tiny_lm import cpu_run, lm_rows, tiny_llama_lm  # noqa: E402
 
 ROWS = 8
 MAX_STEPS = 20
 HORIZON = 0.25  # 5 steps: probes at 1, 2 and 5
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
-def rows(seed: int = 0, seq: int = 10, vocab: int = 100) -> _Rows:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (ROWS, seq), generator=g)
-    return _Rows(
-        [
-            {
-                "input_ids": ids[i],
-                "attention_mask": torch.ones(seq, dtype=torch.long),
-                "labels": ids[i],
-            }
-            for i in range(ROWS)
-        ]
-    )
+def rows(seed: int = 0):
+    return lm_rows(n=ROWS, seq=10, vocab=100, seed=seed)
 
 
 def anchors(n: int = 6, seq: int = 8, vocab: int = 100) -> dict[str, torch.Tensor]:
@@ -65,17 +45,7 @@ def anchors(n: int = 6, seq: int = 8, vocab: int = 100) -> dict[str, torch.Tenso
 
 def tiny_llama():
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     lora = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -83,7 +53,7 @@ def tiny_llama():
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(LlamaForCausalLM(config), lora)
+    return get_peft_model(tiny_llama_lm(100), lora)
 
 
 def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
@@ -104,17 +74,14 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
         policy=Policy(tau=1.5) if stop else None,
     )
     args = TrainingArguments(
-        output_dir=str(out_dir / name),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=ROWS // world_size,
-        learning_rate=5e-3,
-        report_to="none",
-        logging_steps=5,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        ddp_backend="gloo" if world_size > 1 else None,
+        **cpu_run(
+            output_dir=str(out_dir / name),
+            max_steps=MAX_STEPS,
+            per_device_train_batch_size=ROWS // world_size,
+            learning_rate=5e-3,
+            logging_steps=5,
+            ddp_backend="gloo" if world_size > 1 else None,
+        )
     )
     trainer = Trainer(
         model=tiny_llama(),

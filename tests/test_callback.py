@@ -12,8 +12,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
     Trainer,
     TrainerControl,
     TrainerState,
@@ -29,25 +27,16 @@ from mergeprobe import (
 )
 from mergeprobe.probe import SignalRecorder
 
+from .tiny_lm import Rows, cpu_run, lm_rows, tiny_llama_lm
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def _classification_rows(n=64, seq=12, vocab=100, seed=0, num_labels=2):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (n, seq), generator=g)
     labels = (ids[:, 0] % num_labels).tolist()
-    return _Rows(
+    return Rows(
         [
             {
                 "input_ids": ids[i],
@@ -59,34 +48,16 @@ def _classification_rows(n=64, seq=12, vocab=100, seed=0, num_labels=2):
     )
 
 
-def _lm_rows(n=32, seq=12, vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n, seq), generator=g)
-    return _Rows(
-        [
-            {
-                "input_ids": ids[i],
-                "attention_mask": torch.ones(seq, dtype=torch.long),
-                "labels": ids[i],
-            }
-            for i in range(n)
-        ]
-    )
-
-
 def _args(tmp_path, name, max_steps=20, **kw):
     return TrainingArguments(
-        output_dir=str(tmp_path / name),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        report_to="none",
-        logging_steps=5,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **kw,
+        **cpu_run(
+            output_dir=str(tmp_path / name),
+            max_steps=max_steps,
+            per_device_train_batch_size=8,
+            learning_rate=5e-3,
+            logging_steps=5,
+            **kw,
+        )
     )
 
 
@@ -103,7 +74,7 @@ def _train(tmp_path, name, callback, model=None, rows=None, max_steps=20, **kwar
     return trainer
 
 
-def _tiny_bert(seed=0, num_labels=2, vocab=100):
+def _tiny_bert(seed=0, num_labels=2, vocab=100, targets=("query", "value")):
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab,
@@ -114,7 +85,7 @@ def _tiny_bert(seed=0, num_labels=2, vocab=100):
     )
     config.num_labels = num_labels
     model = BertForSequenceClassification(config)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="SEQ_CLS")
     return get_peft_model(model, lora)
 
 
@@ -127,17 +98,8 @@ def _anchors(n=10, seq=8, vocab=100):
 
 
 def test_tiny_llama_run_writes_signature_log_and_trainer_logs(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     model = get_peft_model(
-        LlamaForCausalLM(config),
+        tiny_llama_lm(128),
         LoraConfig(
             r=4,
             lora_alpha=8,
@@ -152,7 +114,7 @@ def test_tiny_llama_run_writes_signature_log_and_trainer_logs(tmp_path):
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, "llama", max_steps=20),
-        train_dataset=_lm_rows(),
+        train_dataset=lm_rows(),
         callbacks=[callback],
     )
     trainer.train()
@@ -421,7 +383,7 @@ def test_minilm_with_its_own_tokenizer(tmp_path):
     enc = tokenizer(
         texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt"
     )
-    rows = _Rows(
+    rows = Rows(
         [
             {
                 "input_ids": enc["input_ids"][i],

@@ -15,7 +15,7 @@ from mergeprobe import (
     save_predictors,
 )
 
-from .test_callback import _classification_rows, _train
+from .test_callback import _classification_rows, _tiny_bert, _train
 
 FEATURES = ("drift_norm_ratio", "update_norm_ratio", "cka_self")
 
@@ -132,25 +132,8 @@ def test_schema_rejects_a_malformed_decision():
 
 
 def test_different_target_sets_are_compared_on_the_shared_layers_and_say_so(tmp_path):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
-
     _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)  # query, value: 4 layers
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    wider = get_peft_model(
-        BertForSequenceClassification(config),
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["query", "key", "value"], task_type="SEQ_CLS"
-        ),
-    )
+    wider = _tiny_bert(targets=("query", "key", "value"))
     callback = _callback(tmp_path, "b", predictor=_constant_predictor(tmp_path, 0.97))
     _train(tmp_path, "b", callback, model=wider, max_steps=12, rows=_classification_rows(seed=1))
     records = read_log(tmp_path / "b.jsonl")

@@ -19,23 +19,18 @@ from . import ddp_worker
 WORKER = Path(ddp_worker.__file__)
 
 
-def _torchrun(out: Path, store: Path, *jobs: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        str(out),
-        str(store),
-        *jobs,
-    ]
+def _run(script: Path, *args, processes: int = 2) -> None:
+    """Run a worker in one process, or in ``processes`` under torchrun (gloo on CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [sys.executable, *(launcher if processes > 1 else []), str(script), *map(str, args)]
     # A hang (ranks disagreeing on a collective) must fail the test, not the CI job.
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _torchrun(out: Path, store: Path, *jobs: str) -> list[dict]:
+    _run(WORKER, out, store, *jobs)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -88,32 +83,9 @@ def test_fsdp2_shards_measure_like_one_process(tmp_path):
     from safetensors import safe_open
 
     worker = WORKER.with_name("fsdp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    subprocess.run(
-        [sys.executable, str(worker), str(one)],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(worker),
-            str(two),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    _run(worker, one, processes=1)
+    _run(worker, two)
 
     def load(path):
         with safe_open(str(path), "pt") as f:

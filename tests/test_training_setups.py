@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 from mergeprobe import MergeProbeCallback, Policy, SignatureStore, read_log
 
 from .ddp_worker import anchors, rows, tiny_llama
+from .tiny_lm import cpu_run
 
 
 def _run(tmp_path, name, store, *, batch=8, accumulation=1, max_steps=20, seed=0, **kwargs):
@@ -28,17 +29,15 @@ def _run(tmp_path, name, store, *, batch=8, accumulation=1, max_steps=20, seed=0
         **callback_kwargs,
     )
     args = TrainingArguments(
-        output_dir=str(tmp_path / name),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=5e-3,
-        report_to="none",
-        logging_steps=5,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **{"save_strategy": "no", **kwargs},
+        **cpu_run(
+            output_dir=str(tmp_path / name),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=5e-3,
+            logging_steps=5,
+            **kwargs,
+        )
     )
     trainer = Trainer(
         model=tiny_llama(), args=args, train_dataset=rows(seed=seed), callbacks=[callback]
@@ -205,8 +204,13 @@ def test_deepspeed_degrades_to_update_and_drift_and_says_so(tmp_path, monkeypatc
 def test_deepspeed_is_detected_from_the_arguments(monkeypatch):
     from mergeprobe.callback import _deepspeed_in_use
 
+    from types import SimpleNamespace
+
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     plain = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
     assert not _deepspeed_in_use(plain)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    # a DeepSpeed config in the arguments (TrainingArguments(deepspeed=...) needs deepspeed)
+    assert _deepspeed_in_use(SimpleNamespace(deepspeed="ds_config.json"))
+    assert not _deepspeed_in_use(SimpleNamespace(deepspeed=None))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch --use_deepspeed
     assert _deepspeed_in_use(plain)

@@ -7,7 +7,7 @@ import pytest
 
 from mergeprobe import MergeProbeCallback, SignatureStore, read_log
 
-from .tiny_lm import random_texts, tiny_llama_lm, word_tokenizer
+from .tiny_lm import cpu_run, random_texts, tiny_llama_lm, word_tokenizer
 
 trl = pytest.importorskip("trl", reason="needs trl (pip install -e .[dev])")
 datasets = pytest.importorskip("datasets", reason="needs datasets (a dependency of trl)")
@@ -26,17 +26,14 @@ def test_sft_trainer_with_peft_config(tmp_path):
         strict=True,
     )
     args = trl.SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        report_to="none",
-        logging_steps=5,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        max_length=16,
+        **cpu_run(
+            output_dir=str(tmp_path / "out"),
+            max_steps=20,
+            per_device_train_batch_size=8,
+            learning_rate=5e-3,
+            logging_steps=5,
+            max_length=16,
+        )
     )
     trainer = trl.SFTTrainer(
         model=model,

@@ -17,13 +17,13 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from mergeprobe.adapters import find_lora_layers
 from mergeprobe.probe import SignalRecorder
 from mergeprobe.signals.sketch import entry_positions, projection
+
+from .tiny_lm import tiny_llama_lm
 
 
 def _bert():
@@ -39,16 +39,7 @@ def _bert():
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama_lm(64)
 
 
 def _gpt2():

@@ -1,4 +1,5 @@
-"""A word-level tokenizer and a tiny Llama built in the test itself (no hub access)."""
+"""Tiny models and data built in the tests themselves (no hub access): a word-level tokenizer,
+a tiny Llama, rows for a Trainer, and the Trainer arguments of a quiet CPU run."""
 
 from __future__ import annotations
 
@@ -60,3 +61,36 @@ def tiny_llama_lm(vocab_size: int, seed: int = 0):
             bos_token_id=1,
         )
     )
+
+
+class Rows(torch.utils.data.Dataset):
+    """A list of feature dicts as a map-style dataset."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def lm_rows(n=32, seq=12, vocab=128, seed=0) -> Rows:
+    """Random equal-length token rows, labelled with themselves (causal LM)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    mask = torch.ones(seq, dtype=torch.long)
+    return Rows([{"input_ids": ids[i], "attention_mask": mask, "labels": ids[i]} for i in range(n)])
+
+
+def cpu_run(**overrides) -> dict:
+    """Keyword arguments of a quiet, deterministic CPU run for TrainingArguments / SFTConfig."""
+    return {
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }

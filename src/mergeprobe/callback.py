@@ -122,9 +122,9 @@ def _distributed() -> bool:
 
 def _all_ranks_ok(ok: bool, model=None) -> bool:
     """``ok`` on every data-parallel rank (a MIN all-reduce); just ``ok`` in one process."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return ok
+    dist = torch.distributed
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -326,6 +326,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._loss: float | None = None
         self._first_loss: tuple[int, float] | None = None
         self._write = False
+        self._capture_gradients = bool(capture_gradients)
+        self._pending: tuple = (None, {}, 0)
         self.notes: list[str] = []
 
     # -- ExportableState -------------------------------------------------------------------
@@ -381,10 +383,6 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     def store_(self) -> SignatureStore | None:
         """The resolved signature store (known from ``on_train_begin`` on)."""
         return self._store
-
-    @property
-    def _gradients_on(self) -> bool:
-        return self.capture_gradients and DEEPSPEED_NOTE not in self.notes
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -476,7 +474,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             )
         self._schedule(state.max_steps)
         self._write = bool(state.is_world_process_zero)
+        self._capture_gradients = self.capture_gradients
         if self.capture_gradients and _deepspeed_in_use(args):
+            self._capture_gradients = False
             self.notes.append(DEEPSPEED_NOTE)
             if self._write:
                 logger.warning("mergeprobe: %s", DEEPSPEED_NOTE)
@@ -515,13 +515,13 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             on_error=self._hook_failed,
             strict=self.strict,
         )
-        self._saved_gradient = (saved_totals, saved_steps)
+        # handed to the collective part of the setup
+        self._pending = (name, saved_totals, saved_steps)
 
     def _setup_collective(self, args, state, model, processing_class) -> None:
         """What every rank does together: read (gathered) factors, base forward, metadata."""
         resuming = state.global_step > 0
-        saved_totals, saved_steps = self._saved_gradient
-        name = self._resolve_run_name(args)
+        name, saved_totals, saved_steps = self._pending
         if not resuming:
             self._recorder.capture_initial()
         try:
@@ -670,7 +670,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     @_guarded
     def on_step_begin(self, args, state, control, **kwargs):
         # global_step counts completed steps: the step starting now is global_step + 1.
-        if self._gradients_on and state.global_step < self.horizon_steps:
+        if self._capture_gradients and state.global_step < self.horizon_steps:
             self._recorder.gradient.attach()
 
     @_guarded
@@ -681,9 +681,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         scaler = getattr(optimizer, "scaler", None)
         # fp16: hooks saw gradients of the scaled loss; divide the scale back out.
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        reduce = distributed and torch.distributed.get_world_size() > 1
-        gradient.end_step(scale=scale, reduce_across_ranks=reduce)
+        gradient.end_step(scale=scale, reduce_across_ranks=_distributed())
         if state.global_step + 1 >= self.horizon_steps:
             gradient.detach()
 

@@ -132,6 +132,15 @@ class AdapterWeights:
     def ranks(self) -> dict[str, int]:
         return {module: int(a.shape[0]) for module, (a, _, _) in self.factors.items()}
 
+    def delta(self, module: str) -> torch.Tensor:
+        """Dense ΔW = s·B·A of one module, float32."""
+        a, b, s = self.factors[module]
+        return s * b.float() @ a.float()
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Dense ΔW of every module, keyed as saved."""
+        return {module: self.delta(module) for module in self.factors}
+
 
 def read_adapter(path: str | os.PathLike) -> AdapterWeights:
     """Read a PEFT LoRA adapter directory without loading its base model.
@@ -266,20 +275,15 @@ def merge_adapters(
 
 def _merge_module(adapters, coefficients, module, method, rank, density):
     """Merged (A, B) of one module over the adapters that have it."""
-    members = [
-        (a.factors[module], w)
-        for a, w in zip(adapters, coefficients, strict=True)
-        if module in a.factors
-    ]
+    members = [(a, w) for a, w in zip(adapters, coefficients, strict=True) if module in a.factors]
     if method in ("direct", "mean"):
-        right = torch.cat([float(w) * s * a.float() for (a, _, s), w in members], dim=0)
-        left = torch.cat([b.float() for (_, b, _), _ in members], dim=1)
+        factors = [(ad.factors[module], w) for ad, w in members]
+        right = torch.cat([float(w) * s * a.float() for (a, _, s), w in factors], dim=0)
+        left = torch.cat([b.float() for (_, b, _), _ in factors], dim=1)
         if rank is not None and rank < left.shape[1]:
             left, right = _svd_factors(left, right, rank)
         return right, left
-    dense = _merge_layer(
-        [(s * b.float() @ a.float(), w) for (a, b, s), w in members], method, density
-    )
+    dense = _merge_layer([(ad.delta(module), w) for ad, w in members], method, density)
     left, right = _factor_dense(dense, rank)
     return right, left
 
@@ -777,11 +781,7 @@ def tune_weights(
     targets = {m: model.get_submodule(m) for m in modules}
     original = {m: t.weight.detach().clone() for m, t in targets.items()}
     deltas = {
-        n: {
-            m: (s * b.float() @ a.float()).to(original[m].dtype)
-            for m, (a, b, s) in ad.factors.items()
-        }
-        for n, ad in loaded.items()
+        n: {m: d.to(original[m].dtype) for m, d in ad.deltas().items()} for n, ad in loaded.items()
     }
     heads = {
         n: {k.removeprefix("base_model.model."): v for k, v in ad.extras.items()}
