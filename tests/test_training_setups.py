@@ -202,9 +202,9 @@ def test_deepspeed_degrades_to_update_and_drift_and_says_so(tmp_path, monkeypatc
 
 
 def test_deepspeed_is_detected_from_the_arguments(monkeypatch):
-    from mergeprobe.callback import _deepspeed_in_use
-
     from types import SimpleNamespace
+
+    from mergeprobe.callback import _deepspeed_in_use
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     plain = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")

@@ -8,6 +8,7 @@ by accident: a probe that fails logs a warning and training goes on (``strict=Tr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -357,13 +358,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 # what the horizon decision depends on, so a resumed run decides the same
                 "compare_with": self.compare_with,
                 "predictor": str(self.predictor) if self.predictor is not None else None,
-                "policy": {
-                    "tau": self.policy.tau,
-                    "prune_similarity": self.policy.prune_similarity,
-                    "methods": list(self.policy.methods),
-                }
-                if self.policy is not None
-                else None,
+                "policy": dataclasses.asdict(self.policy) if self.policy is not None else None,
                 "on_incompatible": self.on_incompatible,
             },
             "attributes": {"run_id": self.run_id},
