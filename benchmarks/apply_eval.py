@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -65,7 +66,17 @@ def head_from_file(template: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def main(argv=None) -> int:
-    args = benchmark_arguments(__doc__, probe="final").parse_args(argv)
+    parser = benchmark_arguments(__doc__, probe="final")
+    parser.add_argument(
+        "--ranks",
+        default="4,8,16",
+        help="rank budgets (apply --rank) whose merged adapters are measured too; '' for none",
+    )
+    args = parser.parse_args(argv)
+    try:
+        budgets = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--ranks must be comma-separated integers; got {args.ranks!r}")
     results, cache = Path(args.results), Path(args.cache)
     started = time.perf_counter()
     config = load_config(results)
@@ -75,7 +86,14 @@ def main(argv=None) -> int:
     store = SignatureStore(cache / "stores" / config.store_key())
     prefix = evaluator.model.base_model_prefix
 
-    member_rows, group_rows = [], []
+    member_rows, group_rows, rank_rows = [], [], []
+
+    def measured_retention(served_dir: Path, manifest: dict, group: str, member: str) -> float:
+        target = by_run[member]
+        evaluator.set_deltas(bench.adapter_deltas(served_dir / group, prefix))
+        head = head_from_file(target.head, served_dir / manifest["routes"][member]["head"])
+        return evaluator.accuracy(target.task, head) / runner.accuracy([target], "direct", target)
+
     for seed in config.seeds:
         other = next(s for s in config.seeds if s != seed)
         predictors = fit_predictors(
@@ -96,17 +114,11 @@ def main(argv=None) -> int:
             for served in plan["served"]:
                 if len(served["members"]) < 2:
                     continue
-                deltas = bench.adapter_deltas(served_dir / served["name"], prefix)
                 inside_all = True
                 for member in served["members"]:
                     target = by_run[member]
-                    evaluator.set_deltas(deltas)
-                    head = head_from_file(
-                        target.head, served_dir / manifest["routes"][member]["head"]
-                    )
-                    merged = evaluator.accuracy(target.task, head)
                     alone = runner.accuracy([target], "direct", target)
-                    measured = merged / alone
+                    measured = measured_retention(served_dir, manifest, served["name"], member)
                     # the same merge as the benchmark builds it (dense sum in memory)
                     dense = runner.accuracy(
                         [by_run[m] for m in served["members"]], served["method"], target
@@ -130,6 +142,39 @@ def main(argv=None) -> int:
                             "inside": inside,
                         }
                     )
+                exact_rank = manifest["models"][served["name"]]["rank"]
+                for budget in budgets:
+                    if budget >= exact_rank:
+                        continue
+                    budget_dir = Path(tmp) / f"served-r{budget}"
+                    if not budget_dir.exists():  # one write per budget, for all groups
+                        apply_plan(
+                            plan,
+                            budget_dir,
+                            base_model=config.model,
+                            adapter_paths=paths,
+                            rank=budget,
+                        )
+                    budget_manifest = json.loads((budget_dir / "routing.json").read_text())
+                    for member in served["members"]:
+                        exact = next(
+                            r["measured"]
+                            for r in member_rows
+                            if r["seed"] == seed and r["member"] == member
+                        )
+                        rank_rows.append(
+                            {
+                                "seed": seed,
+                                "group": served["name"],
+                                "member": member,
+                                "rank": budget,
+                                "exact_rank": exact_rank,
+                                "measured": measured_retention(
+                                    budget_dir, budget_manifest, served["name"], member
+                                ),
+                                "exact": exact,
+                            }
+                        )
                 group_rows.append(
                     {
                         "seed": seed,
@@ -177,13 +222,41 @@ def main(argv=None) -> int:
         f"width {sum(r['high'] - r['low'] for r in member_rows) / max(len(member_rows), 1):.3f}. "
         "'in-memory dense sum' is the benchmark's own evaluation of the same merge (W0 + ΣΔW "
         "written into the base): equal to 'measured' means the written adapters are exact.",
+    ]
+    if rank_rows:
+        lines += [
+            "",
+            "## Rank budget (`apply --rank R`)",
+            "",
+            "The same merged groups written with a truncated-SVD rank budget per layer; retention "
+            "of each member measured the same way. Exact rank: the sum of the members' ranks.",
+            "",
+            "| rank budget | of exact | members | mean retention | mean exact | worst | "
+            "mean change | largest drop |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for budget in sorted({r["rank"] for r in rank_rows}):
+            part = [r for r in rank_rows if r["rank"] == budget]
+            change = [r["measured"] - r["exact"] for r in part]
+            exact_ranks = sorted({r["exact_rank"] for r in part})
+            lines.append(
+                f"| {budget} | {budget}/{'/'.join(map(str, exact_ranks))} | {len(part)} | "
+                f"{statistics.fmean(r['measured'] for r in part):.3f} | "
+                f"{statistics.fmean(r['exact'] for r in part):.3f} | "
+                f"{min(r['measured'] for r in part):.3f} | {statistics.fmean(change):+.3f} | "
+                f"{min(change):+.3f} |"
+            )
+    lines += [
         "",
         f"Command: `python benchmarks/apply_eval.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
     ]
     text = "\n".join(lines) + "\n"
     (results / "apply_eval.md").write_text(text)
     (results / "apply_eval.json").write_text(
-        json.dumps({"members": member_rows, "groups": group_rows, "seconds": seconds}, indent=2)
+        json.dumps(
+            {"members": member_rows, "groups": group_rows, "ranks": rank_rows, "seconds": seconds},
+            indent=2,
+        )
         + "\n"
     )
     print(text)

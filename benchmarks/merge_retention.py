@@ -180,7 +180,8 @@ def adapter_dir(cache: Path, config: BenchConfig, task: str, seed: int) -> Path:
 
 
 def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, out: Path) -> dict:
-    """Train one LoRA with MergeProbeCallback; save adapter + head; return its record."""
+    """Train one LoRA (with MergeProbeCallback unless ``store`` is None: the controls train
+    without it); save adapter + head; return its record."""
     import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
@@ -200,13 +201,17 @@ def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, 
         lora_dropout=0.0,
     )
     model = get_peft_model(model, lora)
-    callback = MergeProbeCallback(
-        store,
-        run_name=run,
-        horizon=config.horizon,
-        probe_fractions=config.fractions,
-        log_path=str(out / "mergeprobe.jsonl"),
-    )
+    callbacks = []
+    if store is not None:
+        callbacks.append(
+            MergeProbeCallback(
+                store,
+                run_name=run,
+                horizon=config.horizon,
+                probe_fractions=config.fractions,
+                log_path=str(out / "mergeprobe.jsonl"),
+            )
+        )
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         max_steps=config.steps,
@@ -228,7 +233,7 @@ def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, 
         train_dataset=_Rows(encode(tokenizer, task.train, config.max_length)),
         data_collator=transformers.DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     _quiet_trainer(trainer)
     start = time.perf_counter()
@@ -241,7 +246,7 @@ def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, 
         "seed": seed,
         "train_seconds": round(seconds, 1),
         "train_loss": float(result.training_loss),
-        "callback_failures": callback.failures,
+        "callback_failures": callbacks[0].failures if callbacks else None,
     }
     (out / "done.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -10,7 +10,8 @@ gradient signals) are that many times larger than in one process.
 Usage: ``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR STORE JOB [JOB ...]`` where a
 job is ``NAME`` (plain run) or ``NAME:stop`` (on_incompatible="stop" with tau 1.5, so the
 decision is "route" and the run must stop at the horizon on every rank; it trains on other
-data than a plain job, so that it is not pruned as redundant instead).
+data than a plain job, so that it is not pruned as redundant instead), or ``NAME:zero2`` /
+``NAME:zero3`` (a plain job under DeepSpeed ZeRO stage 2 / 3 on its CPU accelerator).
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
 
     name, _, mode = job.partition(":")
     stop = mode == "stop"
+    extra = {}
+    if mode.startswith("zero"):
+        extra = {
+            "use_cpu": False,  # DeepSpeed picks its CPU accelerator itself
+            "deepspeed": {
+                "zero_optimization": {"stage": int(mode[-1])},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+            },
+        }
     callback = MergeProbeCallback(
         store,
         run_name=name,
@@ -81,6 +93,7 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
             learning_rate=5e-3,
             logging_steps=5,
             ddp_backend="gloo" if world_size > 1 else None,
+            **extra,
         )
     )
     trainer = Trainer(
@@ -98,6 +111,7 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
         "decision": (callback.decision or {}).get("decision"),
         "failures": callback.failures,
         "overhead_seconds": callback.overhead_seconds,
+        "notes": callback.notes,
     }
 
 

@@ -5,6 +5,8 @@ all-or-nothing output."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,6 +169,54 @@ def test_apply_writes_an_exact_merge_with_mixed_ranks_and_target_sets(tmp_path):
     compile(calls, "peft_merge.py", "exec")
 
 
+def test_generated_peft_script_runs_and_equals_the_written_merges(tmp_path):
+    """peft_merge.py, run as a user would, gives PEFT adapters with the merges apply_plan
+    wrote: exact for direct and mean (cat), TIES through ties_svd at the written rank."""
+    paths = {
+        "a": _adapter(tmp_path, "a", seed=1, r=4)[0],
+        "b": _adapter(tmp_path, "b", seed=2, r=8, num_labels=5)[0],  # heads of other sizes
+        "c": _adapter(tmp_path, "c", seed=3, r=4)[0],
+        "d": _adapter(tmp_path, "d", seed=4, r=4, num_labels=2)[0],
+        "e": _adapter(tmp_path, "e", seed=5, r=4)[0],
+        "f": _adapter(tmp_path, "f", seed=6, r=4)[0],
+    }
+    plan = _plan(
+        paths,
+        [
+            {"name": "sum-ab", "decision": "merge", "method": "direct", "members": ["a", "b"]},
+            {"name": "mean-cd", "decision": "reweight", "method": "mean", "members": ["c", "d"]},
+            {"name": "ties-ef", "decision": "reweight", "method": "ties", "members": ["e", "f"]},
+        ],
+    )
+    apply_plan(plan, tmp_path / "served", base_model=str(_base_dir(tmp_path)))
+    out = tmp_path / "peft_out"
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "served" / "peft_merge.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        "AutoModelForSequenceClassification" in (tmp_path / "served" / "peft_merge.py").read_text()
+    )
+    for name in ("sum-ab", "mean-cd", "ties-ef"):
+        ours, peft_made = read_adapter(tmp_path / "served" / name), read_adapter(out / name)
+        assert set(peft_made.factors) == set(ours.factors)
+        for module in ours.factors:
+            torch.testing.assert_close(
+                peft_made.delta(module), ours.delta(module), atol=1e-6, rtol=1e-5
+            )
+    members = [read_adapter(paths[m]) for m in ("c", "d")]
+    module = next(iter(members[0].factors))
+    torch.testing.assert_close(
+        read_adapter(out / "mean-cd").delta(module),
+        0.5 * (members[0].delta(module) + members[1].delta(module)),
+        atol=1e-6,
+        rtol=1e-5,
+    )
+
+
 def test_ties_dare_and_rank_budget_factor_the_dense_merge(tmp_path):
     adapters = [read_adapter(_adapter(tmp_path, n, seed=s)[0]) for n, s in (("a", 1), ("b", 2))]
     module = "bert.encoder.layer.0.attention.self.query"
@@ -261,6 +311,7 @@ def test_tuned_weights_turn_down_an_adapter_that_hurts_the_task(tmp_path):
         {"good": good_weights, "noise": noise},
         {"good": batches, "noise": batches},
         budget=30,
+        progress=True,
     )
     assert result["evaluations"] <= 30
     assert result["loss"] < result["loss_init"]

@@ -226,12 +226,14 @@ def base_weights_fingerprint(model: nn.Module, samples_per_tensor: int = 64) -> 
         # FSDP2 shards and ZeRO-3 partitions: the whole tensor, so every rank hashes what one
         # process would (one gather per tensor, once per run).
         with gathered([param]):
-            flat = full_tensor(param.detach()).reshape(-1)
-        if flat.numel() == 0:
-            continue
-        idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()))
-        sample = flat[idx.long().to(flat.device)].to(torch.bfloat16).float().cpu()
-        entries.append((normalize_name(name, prefix), tuple(param.shape), sample.numpy().tobytes()))
+            whole = full_tensor(param.detach())
+            shape = tuple(whole.shape)  # outside the context a ZeRO-3 partition has shape (0,)
+            flat = whole.reshape(-1)
+            if flat.numel() == 0:
+                continue
+            idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()))
+            sample = flat[idx.long().to(flat.device)].to(torch.bfloat16).float().cpu()
+        entries.append((normalize_name(name, prefix), shape, sample.numpy().tobytes()))
     h = hashlib.sha256()
     for name, shape, data in sorted(entries):
         h.update(f"{name}:{shape}".encode())
@@ -247,3 +249,13 @@ def base_model_name(model: nn.Module) -> str:
         if name:
             return str(name)
     return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "unknown"))
+
+
+# The transformers class whose module names a PEFT adapter of each task type was saved with.
+AUTO_CLASS_BY_TASK = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}

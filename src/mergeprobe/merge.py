@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from peft.utils import merge_utils
 
-from .adapters import find_lora_layers
+from .adapters import AUTO_CLASS_BY_TASK, find_lora_layers
 from .exceptions import InvalidParameterError
 from .store import sanitize_name
 
@@ -636,32 +636,61 @@ def plan_to_peft_calls(
     density: float | None = None,
     svd_ranks: Mapping[str, int | None] | None = None,
 ) -> str:
-    """The plan's merges as PEFT ``add_weighted_adapter`` calls (a script to read or run)."""
+    """The plan's merges as a runnable script of PEFT ``add_weighted_adapter`` calls.
+
+    ``python peft_merge.py OUT`` writes one PEFT adapter per merged group under ``OUT``. The
+    members are loaded without their task heads (``modules_to_save``): PEFT refuses to merge
+    adapters that share a ``modules_to_save`` module, and every task keeps its own head.
+    """
+    groups = [s for s in plan["served"] if s["decision"] != "route" and len(s["members"]) >= 2]
+    task = _task_type(read_adapter_config(paths[groups[0]["members"][0]])) if groups else None
+    auto = AUTO_CLASS_BY_TASK.get(task or "", "AutoModel")
     lines = [
-        '"""The merges of a mergeprobe plan as PEFT calls. `cat` is the exact ΔW sum;',
-        "the *_svd types merge dense ΔW and refactor it. Each task keeps its own head.",
-        '"""',
-        "from peft import PeftModel",
-        "from transformers import AutoModel",
+        '"""The merges of a mergeprobe plan as PEFT calls: `python peft_merge.py OUT`.',
         "",
-        f"base = AutoModel.from_pretrained({str(base)!r})  # use your task's Auto class",
+        "`cat` is the exact ΔW sum; the *_svd types merge dense ΔW and refactor it. The task",
+        "heads are left out (PEFT refuses to merge adapters sharing modules_to_save); each task",
+        "keeps its own head.",
+        '"""',
+        "import sys",
+        "",
+        "from peft import LoraConfig, PeftModel, set_peft_model_state_dict",
+        "from safetensors.torch import load_file",
+        f"from transformers import {auto}",
+        "",
+        'OUT = sys.argv[1] if len(sys.argv) > 1 else "peft_merged"',
+        "",
+        "",
+        "def lora_only(path):",
+        "    config = LoraConfig.from_pretrained(path)",
+        "    config.modules_to_save, config.task_type = None, None",
+        '    tensors = load_file(f"{path}/adapter_model.safetensors")',
+        '    return config, {k: v for k, v in tensors.items() if "lora_" in k}',
+        "",
+        "",
+        "def load(model, path, name):",
+        "    config, weights = lora_only(path)",
+        "    if model is None:",
+        "        model = PeftModel(base, config, adapter_name=name)",
+        "    else:",
+        "        model.add_adapter(name, config)",
+        "    result = set_peft_model_state_dict(model, weights, adapter_name=name)",
+        '    missing = [k for k in result.missing_keys if f".{name}." in k]',
+        "    if missing:",
+        '        raise SystemExit(f"{path}: weights missing for {missing[:3]}")',
+        "    return model",
+        "",
+        "",
+        f"base = {auto}.from_pretrained({str(base)!r})",
+        "model = None",
     ]
-    first = True
-    for served in plan["served"]:
-        if served["decision"] == "route" or len(served["members"]) < 2:
-            continue
+    merged = []
+    for served in groups:
         members = served["members"]
         method = served.get("method") or "direct"
-        weights = served.get("weights") or _default_weights(method, served["members"])
+        weights = served.get("weights") or _default_weights(method, members)
         for member in members:
-            if first:
-                lines.append(
-                    f"model = PeftModel.from_pretrained(base, {str(paths[member])!r}, "
-                    f"adapter_name={member!r})"
-                )
-                first = False
-            else:
-                lines.append(f"model.load_adapter({str(paths[member])!r}, adapter_name={member!r})")
+            lines.append(f"model = load(model, {str(paths[member])!r}, {member!r})")
         extra = ""
         if method in DEFAULT_DENSITY:
             # the *_svd types keep svd_rank directions (default: the largest member rank,
@@ -675,8 +704,12 @@ def plan_to_peft_calls(
             f"{[float(weights.get(m, 1.0)) for m in members]!r}, adapter_name={served['name']!r}, "
             f"combination_type={_PEFT_COMBINATION[method]!r}{extra})"
         )
-    if first:
-        lines.append("# the plan merges nothing: every adapter is served as it is")
+        merged.append(served["name"])
+    if merged:
+        lines.append(f"model.save_pretrained(OUT, selected_adapters={merged!r})")
+        lines.append('print(f"merged adapters written under {OUT}: ' + ", ".join(merged) + '")')
+    else:
+        lines.append('print("the plan merges nothing: every adapter is served as it is")')
     return "\n".join(lines) + "\n"
 
 
@@ -745,6 +778,7 @@ def tune_weights(
     bounds: tuple[float, float] = (0.0, 1.5),
     budget: int = 40,
     l1: float = 0.05,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per-adapter merge coefficients tuned on a few labelled examples (LoraHub-style).
 
@@ -758,6 +792,7 @@ def tune_weights(
     the right size where heads matter); its weights are restored before returning.
 
     Returns ``weights``, ``loss`` (tuned) and ``loss_init``, and ``evaluations``.
+    ``progress=True`` shows a bar over the loss evaluations.
     """
     import numpy as np
     from scipy.optimize import minimize
@@ -794,6 +829,11 @@ def tune_weights(
     was_training = model.training
     model.eval()
     calls = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=budget, desc="tuning coefficients", unit="evaluation")
 
     def loss_of(x: np.ndarray) -> float:
         w = np.clip(x, low, high)
@@ -809,6 +849,9 @@ def tune_weights(
             total += sum(losses) / len(losses)
         value = total / len(names) + l1 * float(np.abs(w).mean())
         calls.append((value, w.copy()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{min(c[0] for c in calls):.4f}")
         return value
 
     x0 = np.array([float((init or {}).get(n, 1.0)) for n in names])
@@ -827,6 +870,8 @@ def tune_weights(
             target.weight.copy_(original[m])
         _set_tensors(model, saved_heads)
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     best, weights = min(calls, key=lambda c: c[0])
     return {
         "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},

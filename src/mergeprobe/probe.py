@@ -19,6 +19,7 @@ from torch import nn
 from ._util import utc_now
 from ._version import __version__
 from .adapters import (
+    AUTO_CLASS_BY_TASK,
     LoraLayerRef,
     active_adapter_name,
     architecture_fingerprint,
@@ -418,13 +419,7 @@ def _load_peft_model(
         if num_labels:
             # The adapter's own head replaces whatever head the base checkpoint has.
             kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-        auto = transformers.AutoModelForSequenceClassification
-    elif task.endswith("CAUSAL_LM"):
-        auto = transformers.AutoModelForCausalLM
-    elif task.endswith("TOKEN_CLS"):
-        auto = transformers.AutoModelForTokenClassification
-    else:
-        auto = transformers.AutoModel
+    auto = getattr(transformers, AUTO_CLASS_BY_TASK.get(task.rsplit(".", 1)[-1], "AutoModel"))
     model = auto.from_pretrained(str(base), **kwargs)
     return PeftModel.from_pretrained(model, str(adapter_dir)), str(base)
 
