@@ -36,6 +36,7 @@ from benchmarks.plan_eval import (  # noqa: E402
     chosen_predictor,
     load_config,
     open_runner,
+    results_and_cache,
 )
 from mergeprobe import SignatureStore, apply_plan, build_plan  # noqa: E402
 from mergeprobe import fit as fit_predictors  # noqa: E402
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         budgets = [int(r) for r in args.ranks.split(",") if r.strip()]
     except ValueError:
         parser.error(f"--ranks must be comma-separated integers; got {args.ranks!r}")
-    results, cache = Path(args.results), Path(args.cache)
+    results, cache = results_and_cache(parser, args)
     started = time.perf_counter()
     config = load_config(results)
     frame = pd.read_csv(results / "pairs.csv")

@@ -183,6 +183,14 @@ def benchmark_arguments(description: str, probe: str) -> argparse.ArgumentParser
     return parser
 
 
+def results_and_cache(parser: argparse.ArgumentParser, args) -> tuple[Path, Path]:
+    """The results folder (which must hold the benchmark's pair table) and the cache."""
+    results, cache = Path(args.results), Path(args.cache)
+    if not (results / "pairs.csv").is_file():
+        parser.error(f"{results}/pairs.csv not found: run benchmarks/merge_retention.py first")
+    return results, cache
+
+
 def main(argv=None) -> int:
     parser = benchmark_arguments(__doc__, probe="p05")
     parser.add_argument(
@@ -191,9 +199,7 @@ def main(argv=None) -> int:
         help="default: the model predictor_eval.py chose (predictor_eval.json), else ridge",
     )
     args = parser.parse_args(argv)
-    results, cache = Path(args.results), Path(args.cache)
-    if not (results / "pairs.csv").is_file():
-        parser.error(f"{results}/pairs.csv not found: run benchmarks/merge_retention.py first")
+    results, cache = results_and_cache(parser, args)
     started = time.perf_counter()
     config = load_config(results)
     table = pd.read_csv(results / "pairs.csv")

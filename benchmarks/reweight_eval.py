@@ -52,6 +52,7 @@ from benchmarks.plan_eval import (  # noqa: E402
     chosen_predictor,
     load_config,
     open_runner,
+    results_and_cache,
 )
 from mergeprobe import SignatureStore  # noqa: E402
 from mergeprobe import fit as fit_predictors  # noqa: E402
@@ -152,9 +153,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.examples < 1 or args.budget < 2 or args.pairs < 0 or args.fresh_steps < 1:
         parser.error("--examples, --fresh-steps >= 1, --budget >= 2, --pairs >= 0")
-    results, cache = Path(args.results), Path(args.cache)
-    if not (results / "pairs.csv").is_file():
-        parser.error(f"{results}/pairs.csv not found: run benchmarks/merge_retention.py first")
+    results, cache = results_and_cache(parser, args)
     started = time.perf_counter()
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

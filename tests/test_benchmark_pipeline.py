@@ -179,12 +179,36 @@ def test_missing_data_is_reported_clearly(tmp_path):
         bench.load_task(tmp_path, "sst2")
 
 
-def test_plan_evaluation_measures_every_strategy(tmp_path):
+FIVE_TASKS = ("alpha", "beta", "gamma", "delta", "epsilon")
+
+
+@pytest.fixture(scope="module")
+def five_task_setup(tmp_path_factory):
+    # five tasks: leave-one-task-out keeps 12 training pairs per fold (the predictor needs 10)
+    return _tiny_benchmark(tmp_path_factory.mktemp("bench5"), FIVE_TASKS)
+
+
+def _direct_retention(cfg, root, results, members, weights=None):
+    """Each member's accuracy under W0 + Σ w_k ΔW_k with its own head, over its accuracy
+    alone, computed here without the benchmark scripts' caches."""
+    from transformers import AutoTokenizer
+
+    task_data = {t: bench.load_task(root / "data", t) for t in FIVE_TASKS}
+    adapters, _ = bench.load_adapters(cfg, root / "cache", task_data)
+    chosen = [a for a in adapters if a.run in members]
+    weights = weights or {a.run: 1.0 for a in chosen}
+    evaluator = bench.Evaluator(cfg, AutoTokenizer.from_pretrained(cfg.model), task_data)
+    evaluator.set_deltas(
+        {n: sum(weights[a.run] * a.deltas[n] for a in chosen) for n in chosen[0].deltas}
+    )
+    alone = {a["run"]: a["acc_alone"] for a in results["adapters"]}
+    return {a.run: evaluator.accuracy(a.task, a.head) / alone[a.run] for a in chosen}
+
+
+def test_plan_evaluation_measures_every_strategy(five_task_setup):
     from benchmarks import plan_eval
 
-    # five tasks: leave-one-task-out keeps 12 training pairs per fold (the predictor needs 10)
-    tasks = ("alpha", "beta", "gamma", "delta", "epsilon")
-    cfg, root, results = _tiny_benchmark(tmp_path, tasks)
+    cfg, root, results = five_task_setup
     out = root / "out"
     assert (
         plan_eval.main(["--results", str(out), "--cache", str(root / "cache"), "--model", "ridge"])
@@ -194,18 +218,8 @@ def test_plan_evaluation_measures_every_strategy(tmp_path):
     rows = {r["strategy"]: r for r in report["rows"]}
     routed = rows["seed 0: route all"]
     assert (routed["served"], routed["mean"], routed["worst"]) == (5, 1.0, 1.0)
-    # merging all five directly, evaluated here without plan_eval's cache: W0 + the plain sum
-    # of the five ΔW, each member with its own head, over its accuracy alone
-    from transformers import AutoTokenizer
-
-    task_data = {t: bench.load_task(root / "data", t) for t in tasks}
-    adapters, _ = bench.load_adapters(cfg, root / "cache", task_data)
-    evaluator = bench.Evaluator(cfg, AutoTokenizer.from_pretrained(cfg.model), task_data)
-    evaluator.set_deltas(
-        {name: sum(a.deltas[name] for a in adapters) for name in adapters[0].deltas}
-    )
-    alone = {a["run"]: a["acc_alone"] for a in results["adapters"]}
-    expected = [evaluator.accuracy(a.task, a.head) / alone[a.run] for a in adapters]
+    # merging all five directly: W0 + the plain sum of the five ΔW
+    expected = list(_direct_retention(cfg, root, results, [f"{t}-s0" for t in FIVE_TASKS]).values())
     merged = rows["seed 0: merge all (direct)"]
     assert merged["served"] == 1
     assert merged["mean"] == pytest.approx(sum(expected) / 5)
@@ -213,3 +227,37 @@ def test_plan_evaluation_measures_every_strategy(tmp_path):
     for row in report["sweep"]:
         assert 1 <= row["served"] <= 5 and row["n"] == 5
     assert "| seed 0: plan, measured pairs |" in (out / "plan_eval.md").read_text()
+
+
+def test_reweight_evaluation_measures_tuned_fixed_and_control_coefficients(five_task_setup):
+    from benchmarks import reweight_eval
+
+    cfg, root, results = five_task_setup
+    out = root / "out"
+    arguments = ["--results", str(out), "--cache", str(root / "cache"), "--examples", "8"]
+    arguments += ["--budget", "6", "--pairs", "1", "--fresh-steps", "2"]
+    assert reweight_eval.main(arguments) == 0
+    report = json.loads((out / "reweight_eval.json").read_text())
+    everyone = [f"{t}-s0" for t in FIVE_TASKS]
+    all_group = [g for g in report["groups"] if g["kind"] == "all"]
+    assert len(all_group) == 1 and len(report["groups"]) == 2  # all five + one hard pair
+    rows = {(r["kind"], r["strategy"], r["member"]): r for r in report["members"]}
+    for strategy in reweight_eval.STRATEGIES:
+        for member in everyone:
+            assert ("all", strategy, member) in rows
+    # the fixed and the tuned coefficients, recomputed here from the adapters themselves
+    direct = _direct_retention(cfg, root, results, everyone)
+    tuned_weights = all_group[0]["tuned"]["weights"]
+    tuned = _direct_retention(cfg, root, results, everyone, tuned_weights)
+    alone = {a["run"]: a for a in results["adapters"]}
+    for member in everyone:
+        assert rows[("all", "direct", member)]["retention"] == pytest.approx(direct[member])
+        assert rows[("all", "tuned", member)]["retention"] == pytest.approx(tuned[member])
+        base = alone[member]["acc_base"] / alone[member]["acc_alone"]
+        assert rows[("all", "base + own head", member)]["retention"] == pytest.approx(base)
+        assert rows[("all", "fresh LoRA", member)]["served"] == 5
+    fitted = all_group[0]["tuned"]
+    assert fitted["evaluations"] <= 6 and fitted["loss"] <= fitted["loss_init"]
+    assert set(tuned_weights) == set(everyone)
+    assert all(0.0 <= w <= 1.5 for w in tuned_weights.values())
+    assert "| all (1 groups, 5 members) | tuned |" in (out / "reweight_eval.md").read_text()
