@@ -74,6 +74,7 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
                 "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto",
                 "train_batch_size": "auto",
+                "gradient_clipping": "auto",  # as the plain run clips
             },
         }
     callback = MergeProbeCallback(

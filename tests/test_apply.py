@@ -169,52 +169,73 @@ def test_apply_writes_an_exact_merge_with_mixed_ranks_and_target_sets(tmp_path):
     compile(calls, "peft_merge.py", "exec")
 
 
+def _run_peft_script(served, out):
+    done = subprocess.run(
+        [sys.executable, str(served / "peft_merge.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _same_updates(ours_dir, peft_dir, atol=1e-6):
+    ours, peft_made = read_adapter(ours_dir), read_adapter(peft_dir)
+    assert set(peft_made.factors) == set(ours.factors)
+    for module in ours.factors:
+        torch.testing.assert_close(
+            peft_made.delta(module), ours.delta(module), atol=atol, rtol=1e-4
+        )
+
+
 def test_generated_peft_script_runs_and_equals_the_written_merges(tmp_path):
     """peft_merge.py, run as a user would, gives PEFT adapters with the merges apply_plan
-    wrote: exact for direct and mean (cat), TIES through ties_svd at the written rank."""
+    wrote: exact for direct and mean (cat), TIES through ties_svd at the written rank, tuned
+    coefficients, rsLoRA members, dotted names, and a rank budget (svd)."""
     paths = {
-        "a": _adapter(tmp_path, "a", seed=1, r=4)[0],
+        "a.v1": _adapter(tmp_path, "a", seed=1, r=4)[0],
         "b": _adapter(tmp_path, "b", seed=2, r=8, num_labels=5)[0],  # heads of other sizes
-        "c": _adapter(tmp_path, "c", seed=3, r=4)[0],
-        "d": _adapter(tmp_path, "d", seed=4, r=4, num_labels=2)[0],
+        "c": _adapter(tmp_path, "c", seed=3, r=4, use_rslora=True)[0],
+        "d": _adapter(tmp_path, "d", seed=4, r=8, num_labels=2)[0],
         "e": _adapter(tmp_path, "e", seed=5, r=4)[0],
         "f": _adapter(tmp_path, "f", seed=6, r=4)[0],
     }
     plan = _plan(
         paths,
         [
-            {"name": "sum-ab", "decision": "merge", "method": "direct", "members": ["a", "b"]},
+            {"name": "sum.ab", "decision": "merge", "method": "direct", "members": ["a.v1", "b"]},
             {"name": "mean-cd", "decision": "reweight", "method": "mean", "members": ["c", "d"]},
             {"name": "ties-ef", "decision": "reweight", "method": "ties", "members": ["e", "f"]},
         ],
     )
-    apply_plan(plan, tmp_path / "served", base_model=str(_base_dir(tmp_path)))
-    out = tmp_path / "peft_out"
-    done = subprocess.run(
-        [sys.executable, str(tmp_path / "served" / "peft_merge.py"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    plan["served"][1]["weights"] = {"c": 0.7, "d": 0.2}  # tuned coefficients win over 1/n
+    base = str(_base_dir(tmp_path))
+    manifest = apply_plan(plan, tmp_path / "served", base_model=base)
+    assert manifest["models"]["mean-cd"]["weights"] == {"c": 0.7, "d": 0.2}
     assert (
         "AutoModelForSequenceClassification" in (tmp_path / "served" / "peft_merge.py").read_text()
     )
-    for name in ("sum-ab", "mean-cd", "ties-ef"):
-        ours, peft_made = read_adapter(tmp_path / "served" / name), read_adapter(out / name)
-        assert set(peft_made.factors) == set(ours.factors)
-        for module in ours.factors:
-            torch.testing.assert_close(
-                peft_made.delta(module), ours.delta(module), atol=1e-6, rtol=1e-5
-            )
+    _run_peft_script(tmp_path / "served", tmp_path / "peft_out")
+    for name in ("sum.ab", "mean-cd", "ties-ef"):
+        _same_updates(tmp_path / "served" / name, tmp_path / "peft_out" / name)
     members = [read_adapter(paths[m]) for m in ("c", "d")]
     module = next(iter(members[0].factors))
     torch.testing.assert_close(
-        read_adapter(out / "mean-cd").delta(module),
-        0.5 * (members[0].delta(module) + members[1].delta(module)),
+        read_adapter(tmp_path / "peft_out" / "mean-cd").delta(module),
+        0.7 * members[0].delta(module) + 0.2 * members[1].delta(module),
         atol=1e-6,
         rtol=1e-5,
     )
+    # a rank budget: PEFT's svd combination, the same best rank-3 approximation
+    apply_plan(plan, tmp_path / "served-r3", base_model=base, rank=3)
+    assert "svd_rank=3" in (tmp_path / "served-r3" / "peft_merge.py").read_text()
+    _run_peft_script(tmp_path / "served-r3", tmp_path / "peft_out_r3")
+    for name in ("sum.ab", "mean-cd"):
+        assert (
+            read_adapter(tmp_path / "peft_out_r3" / name).ranks
+            == read_adapter(tmp_path / "served-r3" / name).ranks
+        )
+        _same_updates(tmp_path / "served-r3" / name, tmp_path / "peft_out_r3" / name, atol=1e-5)
 
 
 def test_ties_dare_and_rank_budget_factor_the_dense_merge(tmp_path):

@@ -24,7 +24,8 @@ def _run(
 ) -> None:
     """Run a worker in one process, or in ``processes`` under torchrun (gloo on CPU) or
     ``accelerate launch`` (which hands a multi-process CPU launch to torchrun too)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # DS_ACCELERATOR: DeepSpeed's CPU accelerator even where a GPU is present
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     if accelerate:
         env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parents[1]), env.get("PYTHONPATH", "")])
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]

@@ -244,7 +244,8 @@ def merge_adapters(
     scales folded into A); ``rank`` then keeps the top ``rank`` singular directions of the
     exact sum. ``ties`` / ``dare`` work on the dense ΔW of each layer (PEFT ``merge_utils``)
     and factor the result by SVD (exact when ``rank`` is None). Layers only some members
-    have are merged over those.
+    have are merged over those. ``weights`` are the members' coefficients (default 1 each,
+    1/n for ``mean``; given weights win, as in a reweighted group).
     """
     n = len(adapters)
     if n == 0:
@@ -255,9 +256,10 @@ def merge_adapters(
         )
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise InvalidParameterError(f"rank must be a positive integer or None; got {rank!r}")
-    coefficients = (
-        [1.0 / n] * n if method == "mean" else [1.0] * n if weights is None else list(weights)
-    )
+    if weights is not None:
+        coefficients = list(weights)  # tuned coefficients (a reweighted group) win
+    else:
+        coefficients = [1.0 / n if method == "mean" else 1.0] * n
     if len(coefficients) != n:
         raise InvalidParameterError(f"{n} adapters but {len(coefficients)} weights")
     _check_same_layout(adapters)
@@ -527,7 +529,7 @@ def apply_plan(
                 routes[members[0]] = {"model": name, "head": None}
                 continue
             method = served.get("method") or "direct"
-            weights_map = served.get("weights") or {}
+            weights_map = served.get("weights") or _default_weights(method, members)
             weights = [float(weights_map.get(m, 1.0)) for m in members]
             adapters = groups.pop(name)  # freed once written
             merged = merge_adapters(
@@ -574,7 +576,9 @@ def apply_plan(
             (tmp / "mergekit" / f"{name}.yaml").write_text(text)
         ranks = {n: m.get("rank") for n, m in models.items()}
         (tmp / "peft_merge.py").write_text(
-            plan_to_peft_calls(plan, paths, base, density=density, svd_ranks=ranks)
+            plan_to_peft_calls(
+                plan, paths, base, density=density, svd_ranks=ranks, rank_budget=rank, seed=seed
+            )
         )
     return manifest
 
@@ -635,25 +639,39 @@ def plan_to_peft_calls(
     *,
     density: float | None = None,
     svd_ranks: Mapping[str, int | None] | None = None,
+    rank_budget: int | None = None,
+    seed: int = 0,
 ) -> str:
     """The plan's merges as a runnable script of PEFT ``add_weighted_adapter`` calls.
 
-    ``python peft_merge.py OUT`` writes one PEFT adapter per merged group under ``OUT``. The
-    members are loaded without their task heads (``modules_to_save``): PEFT refuses to merge
-    adapters that share a ``modules_to_save`` module, and every task keeps its own head.
+    ``python peft_merge.py OUT`` writes one PEFT adapter per merged group under ``OUT``:
+    ``cat`` (the exact sum) for direct and mean groups, ``svd`` with ``svd_rank`` under a
+    ``rank_budget``, ``ties_svd`` / ``dare_linear_svd`` otherwise. Members are loaded without
+    their task heads (``modules_to_save``): PEFT refuses to merge adapters that share a
+    ``modules_to_save`` module, and every task keeps its own head.
     """
     groups = [s for s in plan["served"] if s["decision"] != "route" and len(s["members"]) >= 2]
-    task = _task_type(read_adapter_config(paths[groups[0]["members"][0]])) if groups else None
-    auto = AUTO_CLASS_BY_TASK.get(task or "", "AutoModel")
+    if not groups:
+        return (
+            '"""The plan merges nothing: every adapter is served as it is."""\n'
+            'print("the plan merges nothing: every adapter is served as it is")\n'
+        )
+    first = read_adapter_config(paths[groups[0]["members"][0]])
+    auto = AUTO_CLASS_BY_TASK.get(_task_type(first) or "", "AutoModel")
+    base = base or first.base_model_name_or_path
     lines = [
         '"""The merges of a mergeprobe plan as PEFT calls: `python peft_merge.py OUT`.',
         "",
-        "`cat` is the exact ΔW sum; the *_svd types merge dense ΔW and refactor it. The task",
-        "heads are left out (PEFT refuses to merge adapters sharing modules_to_save); each task",
-        "keeps its own head.",
+        "`cat` is the exact ΔW sum, `svd` its best rank-`svd_rank` approximation; the *_svd",
+        "types merge dense ΔW and refactor it. The task heads are left out (PEFT refuses to",
+        "merge adapters sharing modules_to_save); each task keeps its own head.",
         '"""',
+        "import os",
+        "import shutil",
         "import sys",
+        "import tempfile",
         "",
+        "import torch",
         "from peft import LoraConfig, PeftModel, set_peft_model_state_dict",
         "from safetensors.torch import load_file",
         f"from transformers import {auto}",
@@ -663,8 +681,9 @@ def plan_to_peft_calls(
         "",
         "def lora_only(path):",
         "    config = LoraConfig.from_pretrained(path)",
-        "    config.modules_to_save, config.task_type = None, None",
-        '    tensors = load_file(f"{path}/adapter_model.safetensors")',
+        "    # the weights are loaded below: no head, no task wrapper, no initialisation to run",
+        "    config.modules_to_save, config.task_type, config.init_lora_weights = None, None, False",
+        '    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))',
         '    return config, {k: v for k, v in tensors.items() if "lora_" in k}',
         "",
         "",
@@ -681,35 +700,48 @@ def plan_to_peft_calls(
         "    return model",
         "",
         "",
+        "def merge(members, weights, served, **how):",
+        '    name = f"g{len(os.listdir(OUT))}"',
+        "    model.add_weighted_adapter(members, weights, adapter_name=name, **how)",
+        "    # add_weighted_adapter copies the first member's config: the merged factors have",
+        "    # scale 1 (lora_alpha = r), which rsLoRA would turn into sqrt(r)",
+        "    model.peft_config[name].use_rslora = False",
+        "    with tempfile.TemporaryDirectory() as tmp:",
+        "        model.save_pretrained(tmp, selected_adapters=[name])",
+        "        shutil.move(os.path.join(tmp, name), os.path.join(OUT, served))",
+        "",
+        "",
+        "os.makedirs(OUT, exist_ok=False)",
+        f"torch.manual_seed({int(seed)})  # DARE's masks",
         f"base = {auto}.from_pretrained({str(base)!r})",
         "model = None",
     ]
-    merged = []
+    index = {}  # PEFT adapter names are module keys: no dots, so use our own
     for served in groups:
         members = served["members"]
         method = served.get("method") or "direct"
         weights = served.get("weights") or _default_weights(method, members)
         for member in members:
-            lines.append(f"model = load(model, {str(paths[member])!r}, {member!r})")
-        extra = ""
+            index[member] = f"m{len(index)}"
+            path = str(Path(paths[member]).resolve())
+            lines.append(f"model = load(model, {path!r}, {index[member]!r})")
+        how = f"combination_type={_PEFT_COMBINATION[method]!r}"
         if method in DEFAULT_DENSITY:
             # the *_svd types keep svd_rank directions (default: the largest member rank,
             # lossy); the rank apply_plan wrote keeps the merge exact
-            extra = f", density={density or DEFAULT_DENSITY[method]!r}"
+            how += f", density={density or DEFAULT_DENSITY[method]!r}"
             svd_rank = (svd_ranks or {}).get(served["name"])
             if svd_rank:
-                extra += f", svd_rank={int(svd_rank)}"
+                how += f", svd_rank={int(svd_rank)}"
+            how += ", svd_full_matrices=False"
+        elif rank_budget is not None:
+            how = f"combination_type='svd', svd_rank={int(rank_budget)}, svd_full_matrices=False"
         lines.append(
-            f"model.add_weighted_adapter({members!r}, "
-            f"{[float(weights.get(m, 1.0)) for m in members]!r}, adapter_name={served['name']!r}, "
-            f"combination_type={_PEFT_COMBINATION[method]!r}{extra})"
+            f"merge({[index[m] for m in members]!r}, "
+            f"{[float(weights.get(m, 1.0)) for m in members]!r}, {served['name']!r}, {how})"
         )
-        merged.append(served["name"])
-    if merged:
-        lines.append(f"model.save_pretrained(OUT, selected_adapters={merged!r})")
-        lines.append('print(f"merged adapters written under {OUT}: ' + ", ".join(merged) + '")')
-    else:
-        lines.append('print("the plan merges nothing: every adapter is served as it is")')
+    names = ", ".join(s["name"] for s in groups)
+    lines.append(f'print(f"merged adapters written under {{OUT}}: {names}")')
     return "\n".join(lines) + "\n"
 
 
