@@ -37,6 +37,7 @@ from benchmarks.plan_eval import (  # noqa: E402
     load_config,
     open_runner,
     results_and_cache,
+    write_report,
 )
 from mergeprobe import SignatureStore, apply_plan, build_plan  # noqa: E402
 from mergeprobe import fit as fit_predictors  # noqa: E402
@@ -54,6 +55,19 @@ def training_rows(frame: pd.DataFrame, seed: int, features: list[str], prefix: s
         row["group"] = r["self_task"]
         rows.append(row)
     return rows
+
+
+def seed_predictors(frame: pd.DataFrame, seeds, seed: int, features: list[str], probe: str, model):
+    """Predictors for one seed's adapters, refitted on the other seed's measured pairs (the
+    same tasks, other runs), and their label. With one seed there is no other: they are fitted
+    on the same pairs (in-sample), and the label says so."""
+    others = [s for s in seeds if s != seed]
+    source = others[0] if others else seed
+    predictors = fit_predictors(
+        training_rows(frame, source, features, probe), features=features, model=model
+    )
+    label = f"refit on seed {source}, {probe} signals" + ("" if others else " (in-sample)")
+    return predictors, label
 
 
 def head_from_file(template: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -96,17 +110,14 @@ def main(argv=None) -> int:
         return evaluator.accuracy(target.task, head) / runner.accuracy([target], "direct", target)
 
     for seed in config.seeds:
-        other = next(s for s in config.seeds if s != seed)
-        predictors = fit_predictors(
-            training_rows(frame, other, features, args.probe), features=features, model=model
-        )
+        predictors, label = seed_predictors(frame, config.seeds, seed, features, args.probe, model)
         names = [f"{t}-s{seed}" for t in config.tasks]
         signatures = [store.load(n) for n in names]
         plan = build_plan(
             signatures,
             predictors,
             Policy(tau=args.tau),
-            predictor_info={"name": f"refit on seed {other}, {args.probe} signals"},
+            predictor_info={"name": label},
         )
         paths = {n: bench.adapter_dir(cache, config, by_run[n].task, seed) for n in names}
         with tempfile.TemporaryDirectory() as tmp:
@@ -247,20 +258,8 @@ def main(argv=None) -> int:
                 f"{min(r['measured'] for r in part):.3f} | {statistics.fmean(change):+.3f} | "
                 f"{min(change):+.3f} |"
             )
-    lines += [
-        "",
-        f"Command: `python benchmarks/apply_eval.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
-    ]
-    text = "\n".join(lines) + "\n"
-    (results / "apply_eval.md").write_text(text)
-    (results / "apply_eval.json").write_text(
-        json.dumps(
-            {"members": member_rows, "groups": group_rows, "ranks": rank_rows, "seconds": seconds},
-            indent=2,
-        )
-        + "\n"
-    )
-    print(text)
+    payload = {"members": member_rows, "groups": group_rows, "ranks": rank_rows}
+    write_report(results, "apply_eval", lines, payload, argv, seconds)
     return 0
 
 

@@ -154,6 +154,15 @@ def encode(tokenizer, rows: Sequence[dict], max_length: int) -> list[dict]:
     ]
 
 
+def collate_batches(tokenizer, rows: Sequence[dict], max_length: int, size: int) -> list[dict]:
+    """Padded tensor batches of ``rows``, sorted by length (little padding)."""
+    import transformers
+
+    encoded = sorted(encode(tokenizer, rows, max_length), key=lambda r: len(r["input_ids"]))
+    collate = transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return [collate(encoded[i : i + size]) for i in range(0, len(encoded), size)]
+
+
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -351,13 +360,8 @@ class Evaluator:
         self.batches = {name: self._batches(tokenizer, task) for name, task in tasks.items()}
 
     def _batches(self, tokenizer, task: Task) -> list[dict]:
-        import transformers
-
-        rows = encode(tokenizer, test_subset(task, self.config.n_test), self.config.max_length)
-        rows.sort(key=lambda r: len(r["input_ids"]))  # little padding: batches of similar length
-        collate = transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt")
-        size = self.config.eval_batch_size
-        return [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+        rows = test_subset(task, self.config.n_test)
+        return collate_batches(tokenizer, rows, self.config.max_length, self.config.eval_batch_size)
 
     def set_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
         self.writer.write(deltas)

@@ -183,6 +183,24 @@ def benchmark_arguments(description: str, probe: str) -> argparse.ArgumentParser
     return parser
 
 
+def write_report(
+    results: Path, stem: str, lines: list[str], payload: dict, argv, seconds: float
+) -> None:
+    """``<stem>.md`` (the tables, then the command and its runtime) and ``<stem>.json`` in the
+    results folder; the markdown is printed too."""
+    lines = [
+        *lines,
+        "",
+        f"Command: `python benchmarks/{stem}.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (results / f"{stem}.md").write_text(text)
+    (results / f"{stem}.json").write_text(
+        json.dumps({**payload, "seconds": seconds}, indent=2, default=float) + "\n"
+    )
+    print(text)
+
+
 def results_and_cache(parser: argparse.ArgumentParser, args) -> tuple[Path, Path]:
     """The results folder (which must hold the benchmark's pair table) and the cache."""
     results, cache = Path(args.results), Path(args.cache)
@@ -278,17 +296,9 @@ def main(argv=None) -> int:
             f"{r['below']}/{r['n']} |"
         )
     seconds = round(time.perf_counter() - started, 1)
-    lines += [
-        "",
-        f"Command: `python benchmarks/plan_eval.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
-    ]
-    text = "\n".join(lines) + "\n"
-    (results / "plan_eval.md").write_text(text)
-    (results / "plan_eval.json").write_text(
-        json.dumps({"rows": rows, "sweep": sweep, "seconds": seconds, "tau": args.tau}, indent=2)
-        + "\n"
+    write_report(
+        results, "plan_eval", lines, {"rows": rows, "sweep": sweep, "tau": args.tau}, argv, seconds
     )
-    print(text)
     return 0
 
 

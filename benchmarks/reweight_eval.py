@@ -46,18 +46,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks import merge_retention as bench  # noqa: E402
-from benchmarks.apply_eval import training_rows  # noqa: E402
+from benchmarks.apply_eval import seed_predictors  # noqa: E402
 from benchmarks.plan_eval import (  # noqa: E402
     benchmark_arguments,
     chosen_predictor,
     load_config,
     open_runner,
     results_and_cache,
+    write_report,
 )
 from mergeprobe import SignatureStore  # noqa: E402
-from mergeprobe import fit as fit_predictors  # noqa: E402
 from mergeprobe.adapters import normalize_name  # noqa: E402
-from mergeprobe.merge import AdapterWeights, read_adapter, tune_weights  # noqa: E402
+from mergeprobe.merge import AdapterWeights, merge_deltas, read_adapter, tune_weights  # noqa: E402
 from mergeprobe.policy import predict_pairs  # noqa: E402
 from mergeprobe.predictor import set_retention  # noqa: E402
 
@@ -81,16 +81,6 @@ def few_examples(task: bench.Task, n: int, seed: int) -> list[dict]:
     return rows[:n]
 
 
-def loss_batches(tokenizer, rows: list[dict], config: bench.BenchConfig, size: int = 50):
-    import transformers
-
-    encoded = sorted(
-        bench.encode(tokenizer, rows, config.max_length), key=lambda r: len(r["input_ids"])
-    )
-    collate = transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    return [collate(encoded[i : i + size]) for i in range(0, len(encoded), size)]
-
-
 def random_like(adapter: AdapterWeights, seed: int) -> AdapterWeights:
     """Random rank-r factors with each layer's ΔW norm of ``adapter``; its head kept."""
     generator = torch.Generator().manual_seed(seed)
@@ -104,11 +94,9 @@ def random_like(adapter: AdapterWeights, seed: int) -> AdapterWeights:
 
 
 def weighted_sum(deltas: dict[str, dict[str, torch.Tensor]], weights: dict[str, float]):
-    total: dict[str, torch.Tensor] = {}
-    for name, w in weights.items():
-        for module, delta in deltas[name].items():
-            total[module] = total.get(module, 0) + float(w) * delta
-    return total
+    """Σ w_k ΔW_k over the named adapters."""
+    names = list(weights)
+    return merge_deltas([deltas[n] for n in names], "direct", [weights[n] for n in names])
 
 
 class JsonCache:
@@ -188,7 +176,10 @@ def main(argv=None) -> int:
             if randomised:
                 weights = {m: random_like(w, seed=k) for k, (m, w) in enumerate(weights.items())}
             batches = {
-                m: loss_batches(tokenizer, few[(by_run[m].task, seed)], config) for m in members
+                m: bench.collate_batches(
+                    tokenizer, few[(by_run[m].task, seed)], config.max_length, 50
+                )
+                for m in members
             }
             t0 = time.perf_counter()
             out = tune_weights(tuning_model, weights, batches, budget=args.budget, progress=True)
@@ -228,10 +219,7 @@ def main(argv=None) -> int:
 
     rows, weights_rows = [], []
     for seed in config.seeds:
-        other = next((s for s in config.seeds if s != seed), seed)
-        predictors = fit_predictors(
-            training_rows(frame, other, features, args.probe), features=features, model=model_kind
-        )
+        predictors, _ = seed_predictors(frame, config.seeds, seed, features, args.probe, model_kind)
         names = [f"{t}-s{seed}" for t in config.tasks]
         signatures = [store.load(n) for n in names]
         cross = frame[
@@ -294,16 +282,14 @@ def main(argv=None) -> int:
             )
     evaluator.set_deltas({})
     seconds = round(time.perf_counter() - started, 1)
-    text = report(rows, weights_rows, args, config, argv, seconds)
-    (results / "reweight_eval.md").write_text(text)
-    (results / "reweight_eval.json").write_text(
-        json.dumps({"members": rows, "groups": weights_rows, "seconds": seconds}, indent=2) + "\n"
+    lines = report(rows, weights_rows, args, config)
+    write_report(
+        results, "reweight_eval", lines, {"members": rows, "groups": weights_rows}, argv, seconds
     )
-    print(text)
     return 0
 
 
-def report(rows, groups, args, config, argv, seconds) -> str:
+def report(rows, groups, args, config) -> list[str]:
     table = pd.DataFrame(rows)
     lines = [
         "# Reweighting from a little data",
@@ -355,11 +341,7 @@ def report(rows, groups, args, config, argv, seconds) -> str:
                 f"- seed {g['seed']} {g['group']} ({label}): {fitted['loss_init']:.3f} → "
                 f"{fitted['loss']:.3f}; {fitted['evaluations']} evaluations, {fitted['seconds']} s; {w}"
             )
-    lines += [
-        "",
-        f"Command: `python benchmarks/reweight_eval.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

@@ -249,15 +249,20 @@ def test_reweight_evaluation_measures_tuned_fixed_and_control_coefficients(five_
     direct = _direct_retention(cfg, root, results, everyone)
     tuned_weights = all_group[0]["tuned"]["weights"]
     tuned = _direct_retention(cfg, root, results, everyone, tuned_weights)
-    alone = {a["run"]: a for a in results["adapters"]}
+    base_only = _direct_retention(cfg, root, results, everyone, dict.fromkeys(everyone, 0.0))
+    mean = _direct_retention(cfg, root, results, everyone, dict.fromkeys(everyone, 0.2))
     for member in everyone:
         assert rows[("all", "direct", member)]["retention"] == pytest.approx(direct[member])
         assert rows[("all", "tuned", member)]["retention"] == pytest.approx(tuned[member])
-        base = alone[member]["acc_base"] / alone[member]["acc_alone"]
-        assert rows[("all", "base + own head", member)]["retention"] == pytest.approx(base)
+        assert rows[("all", "base + own head", member)]["retention"] == pytest.approx(
+            base_only[member]
+        )
+        assert rows[("all", "mean", member)]["retention"] == pytest.approx(mean[member])
         assert rows[("all", "fresh LoRA", member)]["served"] == 5
     fitted = all_group[0]["tuned"]
     assert fitted["evaluations"] <= 6 and fitted["loss"] <= fitted["loss_init"]
+    # the random control was tuned on other updates than the real adapters
+    assert all_group[0]["tuned_random"]["loss_init"] != pytest.approx(fitted["loss_init"])
     assert set(tuned_weights) == set(everyone)
     assert all(0.0 <= w <= 1.5 for w in tuned_weights.values())
     assert "| all (1 groups, 5 members) | tuned |" in (out / "reweight_eval.md").read_text()

@@ -136,12 +136,16 @@ def test_plan_by_matrices_equals_plan_by_pairs_and_builds_a_document():
     # the same plan from per-pair predictions through Policy.plan
     from mergeprobe import pairwise_signals
 
-    pairs = []
-    for a in signatures:
-        for b in signatures:
-            if a is not b:
-                value = float(predictor.predict([pairwise_signals(a, b)])[0])
-                pairs.append(_pair(a.name, b.name, value, redundancy=0.0))
+    value = {
+        (a.name, b.name): float(predictor.predict([pairwise_signals(a, b)])[0])
+        for a in signatures
+        for b in signatures
+        if a is not b
+    }
+    pairs = [
+        _pair(a, b, v, other={"direct": value[(b, a)]}, redundancy=-1.0)
+        for (a, b), v in value.items()
+    ]
     table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
     for p in pairs:
         assert table[(p.self, p.other)] == pytest.approx(p.retention_self["direct"], abs=1e-9)
@@ -153,3 +157,9 @@ def test_plan_by_matrices_equals_plan_by_pairs_and_builds_a_document():
             damage = sum(1 - independent[(member, o)] for o in served["members"] if o != member)
             assert served["predicted"][member]["retention"] == pytest.approx(1 - damage)
             assert 1 - damage >= 0.9 or len(served["members"]) == 1
+    # and the grouping itself is the one Policy.plan makes from those pairs
+    by_pairs = Policy(tau=0.9, methods=("direct",)).plan(names, pairs)
+    assert not plan["pruned"]
+    assert sorted(sorted(d.members) for d in by_pairs) == sorted(
+        sorted(s["members"]) for s in plan["served"]
+    )

@@ -48,3 +48,7 @@ def clean_json(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
+
+
+# Files and folders apply_plan writes beside the served models: no served model may take them.
+RESERVED_NAMES = frozenset({"routing.json", "mergekit", "peft_merge.py", "heads"})

@@ -328,6 +328,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._first_loss: tuple[int, float] | None = None
         self._write = False
         self._capture_gradients = bool(capture_gradients)
+        self._reduce_gradients = False
         self._pending: tuple = (None, {}, 0)
         self.notes: list[str] = []
 
@@ -470,6 +471,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._schedule(state.max_steps)
         self._write = bool(state.is_world_process_zero)
         self._capture_gradients = self.capture_gradients
+        self._reduce_gradients = _distributed()  # fixed for the run: not asked every step
         if self.capture_gradients and _deepspeed_in_use(args):
             self._capture_gradients = False
             self.notes.append(DEEPSPEED_NOTE)
@@ -676,7 +678,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         scaler = getattr(optimizer, "scaler", None)
         # fp16: hooks saw gradients of the scaled loss; divide the scale back out.
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        gradient.end_step(scale=scale, reduce_across_ranks=_distributed())
+        gradient.end_step(scale=scale, reduce_across_ranks=self._reduce_gradients)
         if state.global_step + 1 >= self.horizon_steps:
             gradient.detach()
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from peft.utils import merge_utils
 
+from ._util import RESERVED_NAMES
 from .adapters import AUTO_CLASS_BY_TASK, find_lora_layers
 from .exceptions import InvalidParameterError
 from .store import sanitize_name
@@ -60,7 +61,8 @@ def merge_deltas(
             ``"ties"`` (trim to ``density`` by magnitude, elect sign, disjoint mean; PEFT
             ``merge_utils.ties``) or ``"dare"`` (random drop to ``density`` with rescaling,
             then the weighted sum; PEFT ``merge_utils.dare_linear``).
-        weights: per-adapter coefficients (default 1 each; ignored by ``"mean"``).
+        weights: per-adapter coefficients (default 1 each, 1/n for ``"mean"``; given
+            weights win, as in a reweighted group).
         density: kept fraction for TIES (default 0.2) and DARE (default 0.5).
         seed: seeds DARE's random masks, so a merge is reproducible.
     """
@@ -71,11 +73,7 @@ def merge_deltas(
     n = len(deltas)
     if n == 0:
         raise InvalidParameterError("merge_deltas needs at least one adapter's deltas.")
-    if method == "mean":
-        weights = [1.0 / n] * n
-    weights = [1.0] * n if weights is None else [float(w) for w in weights]
-    if len(weights) != n:
-        raise InvalidParameterError(f"merge_deltas got {n} adapters but {len(weights)} weights.")
+    weights = _coefficients(method, n, weights)
     if density is None:
         density = DEFAULT_DENSITY.get(method)
     if density is not None and not 0 < density <= 1:
@@ -93,6 +91,16 @@ def merge_deltas(
             ]
             merged[layer] = _merge_layer(members, method, density)
     return merged
+
+
+def _coefficients(method: str, n: int, weights: Sequence[float] | None) -> list[float]:
+    """Each member's coefficient: the given weights (a reweighted group's), else 1 each, or
+    1/n for ``mean``."""
+    if weights is None:
+        return [1.0 / n if method == "mean" else 1.0] * n
+    if len(weights) != n:
+        raise InvalidParameterError(f"{n} adapters but {len(weights)} weights")
+    return [float(w) for w in weights]
 
 
 def _merge_layer(members, method: str, density: float | None) -> torch.Tensor:
@@ -159,14 +167,8 @@ def read_adapter(path: str | os.PathLike) -> AdapterWeights:
         raise InvalidParameterError(
             f"{path} is not a PEFT adapter directory (no adapter_config.json)"
         )
+    _check_weights_file(path)
     weights_file = path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise InvalidParameterError(
-                f"{path} holds its weights as adapter_model.bin, a pickle; mergeprobe never loads "
-                "pickles. Save it again with save_pretrained(..., safe_serialization=True)."
-            )
-        raise InvalidParameterError(f"{path} has no adapter_model.safetensors")
     config = PeftConfig.from_pretrained(str(path))
     peft_type = str(getattr(getattr(config, "peft_type", None), "value", config.peft_type))
     if peft_type != "LORA":
@@ -237,6 +239,7 @@ def merge_adapters(
     rank: int | None = None,
     density: float | None = None,
     seed: int = 0,
+    _layout_checked: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Merged LoRA factors ``{module: (A, B)}`` with scale 1: ``B @ A`` is the merged ΔW.
 
@@ -256,13 +259,9 @@ def merge_adapters(
         )
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise InvalidParameterError(f"rank must be a positive integer or None; got {rank!r}")
-    if weights is not None:
-        coefficients = list(weights)  # tuned coefficients (a reweighted group) win
-    else:
-        coefficients = [1.0 / n if method == "mean" else 1.0] * n
-    if len(coefficients) != n:
-        raise InvalidParameterError(f"{n} adapters but {len(coefficients)} weights")
-    _check_same_layout(adapters)
+    coefficients = _coefficients(method, n, weights)
+    if not _layout_checked:  # apply_plan checked (and warned) before writing anything
+        _check_same_layout(adapters)
     merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if density is None:
         density = DEFAULT_DENSITY.get(method)
@@ -434,17 +433,14 @@ def _resolve_paths(
     return paths
 
 
-_RESERVED = {"routing.json", "mergekit", "peft_merge.py", "heads"}
-
-
 def _check_served_names(plan: Mapping[str, Any]) -> None:
     seen = set()
     for served in plan["served"]:
         name = str(served.get("name", ""))
-        if name != sanitize_name(name) or name in _RESERVED or name.startswith("."):
+        if name != sanitize_name(name) or name in RESERVED_NAMES or name.startswith("."):
             raise InvalidParameterError(
                 f"served model name {name!r} is not a safe directory name (letters, digits, "
-                f"'.', '_', '-'; not {sorted(_RESERVED)})"
+                f"'.', '_', '-'; not {sorted(RESERVED_NAMES)})"
             )
         if name in seen:
             raise InvalidParameterError(f"two served models are named {name!r}")
@@ -453,11 +449,12 @@ def _check_served_names(plan: Mapping[str, Any]) -> None:
 
 def _check_weights_file(path: Path) -> None:
     if not (path / "adapter_model.safetensors").is_file():
-        pickled = (path / "adapter_model.bin").is_file()
-        raise InvalidParameterError(
-            f"{path} has no adapter_model.safetensors"
-            + (" (only adapter_model.bin, a pickle mergeprobe never loads)" if pickled else "")
-        )
+        if (path / "adapter_model.bin").is_file():
+            raise InvalidParameterError(
+                f"{path} holds its weights as adapter_model.bin, a pickle; mergeprobe never loads "
+                "pickles. Save it again with save_pretrained(..., safe_serialization=True)."
+            )
+        raise InvalidParameterError(f"{path} has no adapter_model.safetensors")
 
 
 def apply_plan(
@@ -533,7 +530,13 @@ def apply_plan(
             weights = [float(weights_map.get(m, 1.0)) for m in members]
             adapters = groups.pop(name)  # freed once written
             merged = merge_adapters(
-                adapters, method, weights, rank=rank, density=density, seed=seed
+                adapters,
+                method,
+                weights,
+                rank=rank,
+                density=density,
+                seed=seed,
+                _layout_checked=True,
             )
             save_merged_adapter(merged, adapters[0], target, base_model=base)
             heads = {}
@@ -629,7 +632,7 @@ _PEFT_COMBINATION = {"direct": "cat", "mean": "cat", "ties": "ties_svd", "dare":
 
 
 def _default_weights(method: str, members: Sequence[str]) -> dict[str, float]:
-    return {m: 1.0 / len(members) if method == "mean" else 1.0 for m in members}
+    return dict(zip(members, _coefficients(method, len(members), None), strict=True))
 
 
 def plan_to_peft_calls(

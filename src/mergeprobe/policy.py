@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._util import RESERVED_NAMES
 from .exceptions import InvalidParameterError, MergeprobeError
 from .predictor import METHODS, set_retention
 
@@ -531,7 +532,7 @@ def build_plan(
 
     index = {name: i for i, name in enumerate(names)}
     served, pruned = [], []
-    taken: set[str] = {"routing.json", "mergekit", "peft_merge.py", "heads"}
+    taken: set[str] = set(RESERVED_NAMES)
     for k, decision in enumerate(decisions, 1):
         if decision.decision == "prune":
             name, twin = decision.members

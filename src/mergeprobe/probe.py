@@ -139,10 +139,11 @@ class SignalRecorder:
         """Remember factors that do not start at ΔW = 0 (PiSSA, OLoRA...), so ΔW is relative."""
         for ref in self.layers:
             with gathered(ref.parameters()[:2]):
-                if bool(ref.lora_B.detach().abs().sum() > 0):
+                b = ref.lora_B.detach()  # one gather of a sharded factor, not two
+                if bool(b.abs().sum() > 0):
                     self.initial[ref.name] = (
                         ref.lora_A.detach().float().clone(),
-                        ref.lora_B.detach().float().clone(),
+                        b.float().clone(),
                     )
 
     @contextlib.contextmanager
