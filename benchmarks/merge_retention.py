@@ -188,16 +188,15 @@ def adapter_dir(cache: Path, config: BenchConfig, task: str, seed: int) -> Path:
     return cache / "adapters" / f"{task}-s{seed}-{config.train_key(task, seed)}"
 
 
-def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, out: Path) -> dict:
-    """Train one LoRA (with MergeProbeCallback unless ``store`` is None: the controls train
-    without it); save adapter + head; return its record."""
+def make_trainer(
+    config: BenchConfig, task: Task, seed: int, tokenizer, callbacks, output_dir: Path
+):
+    """The benchmark's Trainer for one (task, seed): a fresh LoRA on the base model, seeded so
+    that the same run is reproduced step for step (on CPU)."""
     import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-    from mergeprobe import MergeProbeCallback
-
-    run = out.name.rsplit("-", 1)[0]
     transformers.set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         config.model, num_labels=len(task.labels)
@@ -210,19 +209,8 @@ def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, 
         lora_dropout=0.0,
     )
     model = get_peft_model(model, lora)
-    callbacks = []
-    if store is not None:
-        callbacks.append(
-            MergeProbeCallback(
-                store,
-                run_name=run,
-                horizon=config.horizon,
-                probe_fractions=config.fractions,
-                log_path=str(out / "mergeprobe.jsonl"),
-            )
-        )
     args = TrainingArguments(
-        output_dir=str(out / "trainer"),
+        output_dir=str(output_dir),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
@@ -242,13 +230,34 @@ def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, 
         train_dataset=_Rows(encode(tokenizer, task.train, config.max_length)),
         data_collator=transformers.DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
     )
     _quiet_trainer(trainer)
+    return trainer
+
+
+def train_adapter(config: BenchConfig, task: Task, seed: int, tokenizer, store, out: Path) -> dict:
+    """Train one LoRA (with MergeProbeCallback unless ``store`` is None: the controls train
+    without it); save adapter + head; return its record."""
+    from mergeprobe import MergeProbeCallback
+
+    run = out.name.rsplit("-", 1)[0]
+    callbacks = []
+    if store is not None:
+        callbacks.append(
+            MergeProbeCallback(
+                store,
+                run_name=run,
+                horizon=config.horizon,
+                probe_fractions=config.fractions,
+                log_path=str(out / "mergeprobe.jsonl"),
+            )
+        )
+    trainer = make_trainer(config, task, seed, tokenizer, callbacks, out / "trainer")
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    model.save_pretrained(str(out))
+    trainer.model.save_pretrained(str(out))
     record = {
         "run": run,
         "task": task.name,

@@ -266,3 +266,48 @@ def test_reweight_evaluation_measures_tuned_fixed_and_control_coefficients(five_
     assert set(tuned_weights) == set(everyone)
     assert all(0.0 <= w <= 1.5 for w in tuned_weights.values())
     assert "| all (1 groups, 5 members) | tuned |" in (out / "reweight_eval.md").read_text()
+
+
+def test_head_signals_by_hand():
+    import numpy as np
+
+    from benchmarks.head_signal_eval import head_signals
+
+    own = {
+        "base": np.array([[1.0, 0.0]]),
+        "drift": np.array([[0.0, 0.5]]),
+        "weight": np.eye(2),
+        "bias": np.zeros(2),
+    }
+    partner = {"drift": np.array([[0.0, 1.0]])}
+    got = head_signals(own, partner)
+    # alone: logits (1, 0.5), class 0; merged: (1, 1.5), class 1
+    assert got["head_flip"] == 1.0
+    # centred logits move by (-0.25, 0.25) under the own drift, (-0.5, 0.5) under the partner's
+    assert got["head_logit_shift"] == pytest.approx(2.0)
+    p0 = 1 / (1 + math.exp(-0.5))  # softmax(1, 0.5)[0]
+    q0 = 1 / (1 + math.exp(0.5))  # softmax(1, 1.5)[0]
+    kl = p0 * math.log(p0 / q0) + (1 - p0) * math.log((1 - p0) / (1 - q0))
+    assert got["head_kl"] == pytest.approx(kl)
+
+
+def test_head_signal_evaluation_reproduces_the_early_runs(five_task_setup):
+    from benchmarks import head_signal_eval
+
+    cfg, root, results = five_task_setup
+    out = root / "out"
+    arguments = ["--results", str(out), "--cache", str(root / "cache"), "--model", cfg.model]
+    assert head_signal_eval.main([*arguments, "--fraction", "0.1"]) == 0
+    report = json.loads((out / "head_signal_eval.json").read_text())
+    # retraining the seeded run to the probe's step lands on the callback's recorded update
+    assert report["reproduction_error"] < 1e-4
+    assert "p10 / default + head signals / ridge" in report
+    with (out / "head_signals.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20  # every ordered pair of the five adapters
+    for row in rows:
+        for prefix in ("p10", "final"):
+            assert 0 <= float(row[f"{prefix}_head_flip"]) <= 1
+            assert float(row[f"{prefix}_head_kl"]) >= 0
+            assert float(row[f"{prefix}_head_logit_shift"]) > 0
+    assert "| head_flip |" in (out / "head_signal_eval.md").read_text()

