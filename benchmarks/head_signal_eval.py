@@ -17,9 +17,10 @@ and reads, through i's head:
 
 It does so with the finished adapters (from the benchmark cache) and with each run's state at
 ``--fraction`` of its steps, reproduced by retraining the same seeded run to that step (CPU
-training is deterministic; the update norms are checked against the signature's probe). Then
-the leave-one-task-out evaluation of predictor_eval compares the predictor's default features
-with and without the head signals. Writes head_signal_eval.md (and .json) to --results.
+training is deterministic; the per-layer update norms must match the signature's probe at that
+step, or the script stops). Then the leave-one-task-out evaluation of predictor_eval compares
+the predictor's default features with and without the head signals (the scale-like ones as
+logarithms), with a paired bootstrap of the gain. Writes head_signal_eval.md (and .json) to --results.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.merge_retention import (  # noqa: E402
     DEFAULT_CACHE,
     BenchConfig,
+    _hash,
     adapter_dir,
     load_task,
     log,
@@ -54,12 +57,14 @@ from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E40
 from mergeprobe.predictor import DEFAULT_FEATURES  # noqa: E402
 
 HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
+# What the predictor reads: the scale-like ones as logarithms (they span several decades).
+HEAD_FEATURES = ("head_flip", "log_head_kl", "log_head_logit_shift")
 
 
 def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Head input on the anchors with and without the adapter, and the head's weights."""
-    inner = model.get_base_model()
-    wrapper = inner.classifier
+    head_name = model.peft_config["default"].modules_to_save[0]  # as load_adapter finds it
+    wrapper = model.get_base_model().get_submodule(head_name)
     head = wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
     captured = {}
 
@@ -107,8 +112,12 @@ def head_signals(own: dict[str, np.ndarray], partner: dict[str, np.ndarray]) -> 
     }
 
 
-def measure_states(config: BenchConfig, cache: Path, step: int | None, runs, tokenizer, anchors):
-    """{run: head state} at ``step`` (retrained) or of the finished adapter (``None``); cached."""
+def measure_states(
+    config: BenchConfig, cache: Path, step: int | None, runs, tokenizer, anchors, anchor_hash
+):
+    """{run: head state} at ``step`` (retrained) or of the finished adapter (``None``); cached
+    under the run's training key, the step, the anchor set and (finished adapters) the
+    adapter file's size and time, so a retrained adapter is measured again."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, TrainerCallback
 
@@ -123,16 +132,18 @@ def measure_states(config: BenchConfig, cache: Path, step: int | None, runs, tok
     folder.mkdir(parents=True, exist_ok=True)
     states, norms = {}, {}
     for run, task, seed in progress(runs, f"head states ({'final' if step is None else step})"):
-        key = f"{adapter_dir(cache, config, task.name, seed).name}-{step or 'final'}"
-        path = folder / f"{key}.safetensors"
+        trained = adapter_dir(cache, config, task.name, seed)
+        stamp = [anchor_hash, step]
+        if step is None:
+            weights = (trained / "adapter_model.safetensors").stat()
+            stamp += [weights.st_size, weights.st_mtime_ns]
+        path = folder / f"{trained.name}-{step or 'final'}-{_hash(stamp)}.safetensors"
         if not path.is_file():
             if step is None:
                 base = AutoModelForSequenceClassification.from_pretrained(
                     config.model, num_labels=len(task.labels)
                 )
-                model = PeftModel.from_pretrained(
-                    base, str(adapter_dir(cache, config, task.name, seed))
-                )
+                model = PeftModel.from_pretrained(base, str(trained))
             else:
                 trainer = make_trainer(
                     config, task, seed, tokenizer, [StopAt()], cache / "head_signals" / "trainer"
@@ -145,27 +156,51 @@ def measure_states(config: BenchConfig, cache: Path, step: int | None, runs, tok
                 [torch.linalg.norm(deltas[k].double()) for k in sorted(deltas)]
             )
             tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            save_file(
+                {k: v.contiguous() for k, v in state.items()},
+                str(tmp),
+                metadata={"layers": json.dumps(sorted(deltas))},
+            )
             tmp.replace(path)
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            layers = json.loads(f.metadata()["layers"])
         states[run] = {k: v.numpy() for k, v in tensors.items() if k != "update_norm"}
-        norms[run] = tensors["update_norm"]
+        norms[run] = dict(zip(layers, tensors["update_norm"], strict=True))
     return states, norms
 
 
-def reproduction_error(config: BenchConfig, cache: Path, norms, fraction: float) -> float:
-    """Largest relative difference between the retrained update norms (all layers together)
-    and those the callback recorded at ``fraction`` in the run's signature."""
+def reproduction_error(config: BenchConfig, cache: Path, norms, step: int) -> float:
+    """Largest relative difference, over runs and layers, between the retrained update norms
+    and those the callback recorded at ``step`` in the run's signature."""
     from mergeprobe import SignatureStore
 
     store = SignatureStore(cache / "stores" / config.store_key())
     worst = 0.0
-    for run, norm in norms.items():
-        recorded = store.load(run).probe(fraction).tensors["update_norm"].double()
-        worst = max(
-            worst, float(abs(recorded.norm() - norm.norm()) / recorded.norm().clamp_min(1e-12))
-        )
+    for run, by_layer in norms.items():
+        signature = store.load(run)
+        probe = next((p for p in signature.probes if p.step == step), None)
+        if probe is None:
+            raise SystemExit(f"{run}: its signature has no probe at step {step}")
+        recorded = dict(zip(signature.layers, probe.tensors["update_norm"].double(), strict=True))
+        for name, norm in by_layer.items():
+            expected = recorded[name]
+            worst = max(worst, float(abs(expected - norm) / expected.clamp_min(1e-12)))
     return worst
+
+
+# Above this the retrained states are not the runs the pair table measured: stop.
+REPRODUCTION_TOLERANCE = 1e-3
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, seed: int = 0) -> list[float]:
+    """95 % interval of Spearman(b, y) - Spearman(a, y), pairs resampled together."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(1000):
+        i = rng.integers(0, len(y), len(y))
+        draws.append(spearmanr(b[i], y[i])[0] - spearmanr(a[i], y[i])[0])
+    return [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))]
 
 
 def within_task_spearman(frame: pd.DataFrame, column: str) -> float:
@@ -206,9 +241,14 @@ def main(argv=None) -> int:
     from mergeprobe.probe import resolve_anchor_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    anchors, _ = resolve_anchor_inputs(tokenizer)
+    anchors, anchor_info = resolve_anchor_inputs(tokenizer)
     tasks = {name: load_task(data, name) for name in config.tasks}
     runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
+    if not any(abs(args.fraction - f) < 1e-9 for f in config.fractions):
+        parser.error(
+            f"--fraction {args.fraction} is not one of the runs' probe fractions "
+            f"{list(config.fractions)}: there is no recorded probe to check the retrained state"
+        )
     step = max(1, round(args.fraction * config.steps))
     prefix = f"p{round(args.fraction * 100):02d}"
 
@@ -229,18 +269,30 @@ def main(argv=None) -> int:
         (f"{args.fraction:.0%} of training (step {step})", step, prefix),
         ("finished adapters", None, "final"),
     ):
-        states, norms = measure_states(config, cache, at, runs, tokenizer, anchors)
+        states, norms = measure_states(
+            config, cache, at, runs, tokenizer, anchors, anchor_info["inputs_hash"]
+        )
         rows = [head_signals(states[r.self], states[r.other]) for r in frame.itertuples()]
         head = pd.DataFrame(rows)
         for name in HEAD_SIGNALS:
             frame[f"{column_prefix}_{name}"] = head[name].to_numpy()
+        for name in ("head_kl", "head_logit_shift"):
+            values = head[name].to_numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                frame[f"{column_prefix}_log_{name}"] = np.where(values > 0, np.log(values), np.nan)
+        frame = frame.copy()  # one block again after the added columns
         lines += [f"## {label}", ""]
         if at is not None:
-            error = reproduction_error(config, cache, norms, args.fraction)
+            error = reproduction_error(config, cache, norms, step)
             payload["reproduction_error"] = error
+            if error > REPRODUCTION_TOLERANCE:
+                raise SystemExit(
+                    f"retraining to step {step} does not reproduce the runs (update norms "
+                    f"differ by {error:.1e}); the head signals would describe other adapters"
+                )
             lines += [
-                f"Retrained states reproduce the callback's update norms to {error:.1e} "
-                "(largest relative difference).",
+                f"Retrained states reproduce the callback's per-layer update norms at step "
+                f"{step} to {error:.1e} (largest relative difference over runs and layers).",
                 "",
             ]
         lines += [
@@ -258,18 +310,28 @@ def main(argv=None) -> int:
         ]
         sets = {
             "default (partner magnitudes)": list(DEFAULT_FEATURES),
-            "head signals": list(HEAD_SIGNALS),
-            "default + head signals": [*DEFAULT_FEATURES, *HEAD_SIGNALS],
+            "head signals": list(HEAD_FEATURES),
+            "default + head signals": [*DEFAULT_FEATURES, *HEAD_FEATURES],
         }
+        predictions = {}
         for set_name, names in sets.items():
             for model_name in ("ridge", "boosting"):
                 columns = [f"{column_prefix}_{n}" for n in names]
                 pred = loto(frame, columns, y, model_name)
+                predictions[(set_name, model_name)] = pred
                 m, ci = metrics(pred, y), bootstrap(pred, y)
                 payload[f"{column_prefix} / {set_name} / {model_name}"] = {**m, "ci": ci}
                 lines.append(f"| {set_name} | {model_name} | {fmt(m, ci)} |")
+        lines += ["", "Gain in Spearman from adding the head signals (paired bootstrap, 95 %):"]
+        for model_name in ("ridge", "boosting"):
+            a = predictions[("default (partner magnitudes)", model_name)]
+            b = predictions[("default + head signals", model_name)]
+            gain = spearmanr(b, y)[0] - spearmanr(a, y)[0]
+            low, high = paired_difference(a, b, y)
+            payload[f"{column_prefix} / gain / {model_name}"] = [gain, low, high]
+            lines.append(f"- {model_name}: {gain:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append("")
-    columns = [c for c in frame.columns if "_head_" in c]
+    columns = [c for c in frame.columns if "_head_" in c and "_log_" not in c]
     frame[["self", "other", *columns]].to_csv(results / "head_signals.csv", index=False)
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")

@@ -311,3 +311,27 @@ def test_head_signal_evaluation_reproduces_the_early_runs(five_task_setup):
             assert float(row[f"{prefix}_head_kl"]) >= 0
             assert float(row[f"{prefix}_head_logit_shift"]) > 0
     assert "| head_flip |" in (out / "head_signal_eval.md").read_text()
+    with pytest.raises(SystemExit):  # no probe was recorded at 30 %: nothing to check against
+        head_signal_eval.main([*arguments, "--fraction", "0.3"])
+
+
+def test_head_state_reads_the_trained_head(five_task_setup):
+    """Base input + drift through the captured head gives the PEFT model's own logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from benchmarks.head_signal_eval import head_state
+    from mergeprobe.probe import resolve_anchor_inputs
+
+    cfg, root, _ = five_task_setup
+    path = bench.adapter_dir(root / "cache", cfg, "alpha", 0)
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=2)
+    fresh_head = base.classifier.weight.detach().clone()
+    model = PeftModel.from_pretrained(base, str(path)).eval()
+    anchors, _ = resolve_anchor_inputs(AutoTokenizer.from_pretrained(cfg.model))
+    state = head_state(model, anchors)
+    with torch.no_grad():
+        logits = model(**anchors).logits.double()
+    rebuilt = (state["base"] + state["drift"]) @ state["weight"].T + state["bias"]
+    torch.testing.assert_close(rebuilt, logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(state["weight"].float(), fresh_head)  # the adapter's own head
