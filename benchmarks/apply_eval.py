@@ -70,13 +70,18 @@ def seed_predictors(frame: pd.DataFrame, seeds, seed: int, features: list[str], 
     return predictors, label
 
 
-def head_from_file(template: torch.nn.Module, path: Path) -> torch.nn.Module:
+def head_from_file(template: torch.nn.Module, path: Path, head_name: str) -> torch.nn.Module:
+    """A copy of ``template`` with the weights of a served head file, whose keys are the
+    module's full names (``base_model.model.<head_name>.<parameter>``, nested heads too)."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
+    prefix = f"{head_name}."
+    keys = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    if not keys or not all(k.startswith(prefix) for k in keys):
+        raise ValueError(f"{path} does not hold the {head_name!r} head: keys {sorted(state)}")
     head = copy.deepcopy(template)
-    name = next(iter(state)).rsplit(".", 1)[0]  # e.g. base_model.model.classifier
-    head.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items()})
+    head.load_state_dict({k[len(prefix) :]: v for k, v in keys.items()})
     return head.eval()
 
 
@@ -106,7 +111,9 @@ def main(argv=None) -> int:
     def measured_retention(served_dir: Path, manifest: dict, group: str, member: str) -> float:
         target = by_run[member]
         evaluator.set_deltas(bench.adapter_deltas(served_dir / group, prefix))
-        head = head_from_file(target.head, served_dir / manifest["routes"][member]["head"])
+        head = head_from_file(
+            target.head, served_dir / manifest["routes"][member]["head"], evaluator.head_name
+        )
         return evaluator.accuracy(target.task, head) / runner.accuracy([target], "direct", target)
 
     for seed in config.seeds:

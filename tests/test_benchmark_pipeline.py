@@ -335,3 +335,22 @@ def test_head_state_reads_the_trained_head(five_task_setup):
     rebuilt = (state["base"] + state["drift"]) @ state["weight"].T + state["bias"]
     torch.testing.assert_close(rebuilt, logits, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(state["weight"].float(), fresh_head)  # the adapter's own head
+
+
+def test_served_head_file_loads_nested_heads(tmp_path):
+    from safetensors.torch import save_file
+
+    from benchmarks.apply_eval import head_from_file
+
+    torch.manual_seed(0)
+    trained = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    path = tmp_path / "head.safetensors"
+    save_file(
+        {f"base_model.model.classifier.{k}": v for k, v in trained.state_dict().items()}, path
+    )
+    template = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    head = head_from_file(template, path, "classifier")
+    for key, value in trained.state_dict().items():
+        assert torch.equal(head.state_dict()[key], value)
+    with pytest.raises(ValueError, match="score"):
+        head_from_file(template, path, "score")
