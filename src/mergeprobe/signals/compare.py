@@ -247,6 +247,7 @@ MATRIX_SIGNALS = frozenset(
         "drift_norm_ratio",
         "drift_cosine",
         "interference_ratio",
+        "interference_ratio_last",
         "cka_self",
         "cka_other",
     }
@@ -377,12 +378,16 @@ def pairwise_signal_matrices(
     cka_sum = (cka * dmask) @ dmask.T
     out["cka_self"] = torch.where(dshared > 0, cka_sum / dshared.clamp_min(1), nan)
     out["cka_other"] = out["cka_self"].T.clone()
-    if shapes and ({"drift_cosine", "interference_ratio"} & set(names)):
+    interference = {"interference_ratio", "interference_ratio_last"} & set(names)
+    if shapes and (interference or "drift_cosine" in names):
         # One hidden layer (and sketch shape: other shapes are other anchor sets, never
         # compared) at a time: memory stays O(n · anchors · sketch).
         dots = torch.zeros((n, n), dtype=torch.float64)
         num = torch.zeros((n, n), dtype=torch.float64)
         self_energy = torch.zeros((n, n), dtype=torch.float64)
+        # the last hidden layer both signatures probed (layers ascend, so the last write wins)
+        last_num = torch.zeros((n, n), dtype=torch.float64)
+        last_self = torch.zeros((n, n), dtype=torch.float64)
         for layer, shape in ((layer, shape) for layer in drift_layers for shape in sorted(shapes)):
             sketch, present = _stack(
                 [
@@ -397,10 +402,11 @@ def pairwise_signal_matrices(
             sketch, present = sketch[:, 0], present[:, 0]  # (n, anchors, k), (n,)
             flat = sketch.flatten(1) * present[:, None]
             both = present[:, None] * present[None, :]
-            self_energy += flat.square().sum(1)[:, None] * both
+            layer_self = flat.square().sum(1)[:, None] * both
+            self_energy += layer_self
             if "drift_cosine" in names:
                 dots += flat @ flat.T
-            if "interference_ratio" in names:
+            if interference:
                 gram = sketch.transpose(-1, -2) @ sketch  # (n, k, k): Dᵀ D
                 evals, evecs = torch.linalg.eigh(gram)  # ascending
                 evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
@@ -409,14 +415,19 @@ def pairwise_signal_matrices(
                 # the directions up to and including the first that reaches ``energy``
                 keep = ((share.cumsum(-1) - share) < energy - 1e-12) & (total > 0)
                 projector = (evecs * keep[:, None, :].double()) @ evecs.transpose(-1, -2)
-                num += (projector.flatten(1) * present[:, None]) @ (
+                layer_num = (projector.flatten(1) * present[:, None]) @ (
                     gram.flatten(1) * present[:, None]
                 ).T
+                num += layer_num
+                last_num = torch.where(both > 0, layer_num, last_num)
+                last_self = torch.where(both > 0, layer_self, last_self)
         if "drift_cosine" in names:
             out["drift_cosine"] = _safe_div(dots, (self_energy * self_energy.T).sqrt())
         if "interference_ratio" in names:
             out["interference_ratio"] = _safe_div(num, self_energy).sqrt()
-    for name in ("drift_cosine", "interference_ratio"):
+        if "interference_ratio_last" in names:
+            out["interference_ratio_last"] = _safe_div(last_num, last_self).sqrt()
+    for name in ("drift_cosine", "interference_ratio", "interference_ratio_last"):
         out.setdefault(name, nan.clone())
 
     # incompatible pairs and the diagonal are not comparisons
