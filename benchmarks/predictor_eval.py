@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--feature-set",
         help="use this feature set for the tables and --ship instead of the best one at 5 %% "
-        '(e.g. "partner magnitudes", the set the package\'s store-wide plans can compute)',
+        '(e.g. "partner magnitudes", the shipped set)',
     )
     args = parser.parse_args(argv)
     pairs_path = Path(args.pairs)
@@ -184,6 +184,9 @@ def main(argv=None) -> int:
         "every signal": signal_names,
     }
 
+    if args.feature_set is not None and args.feature_set not in feature_sets:
+        parser.error(f"--feature-set must be one of {sorted(feature_sets)}")
+
     def cols(prefix: str, names) -> list[str]:
         return [f"{prefix}_{f}" for f in names if f"{prefix}_{f}" in frame.columns]
 
@@ -194,8 +197,6 @@ def main(argv=None) -> int:
                 m = metrics(loto(frame, cols("p05", names), y, model), y)
                 set_scores[(set_name, model)] = m
     best_set = max(set_scores, key=lambda k: np.nan_to_num(set_scores[k]["spearman"], nan=-9))[0]
-    if args.feature_set is not None and args.feature_set not in feature_sets:
-        parser.error(f"--feature-set must be one of {sorted(feature_sets)}")
     chosen_set = args.feature_set or best_set
     features = feature_sets[chosen_set]
     out["feature_sets"] = {
