@@ -3,7 +3,7 @@
     python benchmarks/head_signal_eval.py [--results benchmarks/results] [--fraction 0.05]
 
 The signals in a signature say how far a partner moves the weights and hidden states, but not
-what the moved states do to *this* task's decisions, in units that mean the same for every task.
+what the moved states do to *this* task's decisions (its classes and their probabilities).
 This script measures that before the callback is asked to record it (design §3: a signal earns
 its place by measurement). For every adapter of the benchmark's pair table it takes, on the
 default anchor set, the input of the classifier head (the pooler output for BERT) with the
@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from scipy.special import log_softmax
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ from benchmarks.merge_retention import (  # noqa: E402
     log,
     make_trainer,
     progress,
+    task_head,
 )
 from benchmarks.plan_eval import write_report  # noqa: E402
 from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E402
@@ -63,9 +65,7 @@ HEAD_FEATURES = ("head_flip", "log_head_kl", "log_head_logit_shift")
 
 def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Head input on the anchors with and without the adapter, and the head's weights."""
-    head_name = model.peft_config["default"].modules_to_save[0]  # as load_adapter finds it
-    wrapper = model.get_base_model().get_submodule(head_name)
-    head = wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
+    wrapper, head = task_head(model)
     captured = {}
 
     def run() -> torch.Tensor:
@@ -89,23 +89,17 @@ def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     }
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(1, keepdims=True)
-
-
 def head_signals(own: dict[str, np.ndarray], partner: dict[str, np.ndarray]) -> dict[str, float]:
     """Signals of ``own`` merged with ``partner`` through ``own``'s head (see module doc)."""
     w, b = own["weight"], own["bias"]
     alone = (own["base"] + own["drift"]) @ w.T + b
     merged = alone + partner["drift"] @ w.T
     centred = w - w.mean(0, keepdims=True)  # softmax sees only differences of logits
-    p, q = _softmax(alone), _softmax(merged)
+    log_p, log_q = log_softmax(alone, axis=1), log_softmax(merged, axis=1)
     own_shift = np.linalg.norm(own["drift"] @ centred.T)
     return {
         "head_flip": float((alone.argmax(1) != merged.argmax(1)).mean()),
-        "head_kl": float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(1).mean()),
+        "head_kl": float((np.exp(log_p) * (log_p - log_q)).sum(1).mean()),
         "head_logit_shift": float(np.linalg.norm(partner["drift"] @ centred.T) / own_shift)
         if own_shift > 0
         else float("nan"),

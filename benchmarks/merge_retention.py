@@ -299,12 +299,19 @@ def load_adapter(config: BenchConfig, path: Path, task: Task, seed: int) -> Adap
         config.model, num_labels=len(task.labels)
     )
     model = PeftModel.from_pretrained(base, str(path))
-    head_name = model.peft_config["default"].modules_to_save[0]
-    wrapper = model.get_base_model().get_submodule(head_name)
-    head = getattr(wrapper, "modules_to_save", {"default": wrapper})["default"]
+    _, head = task_head(model)
     return Adapter(
         path.name.rsplit("-", 1)[0], task.name, seed, lora_deltas(model), _copy_module(head)
     )
+
+
+def task_head(model) -> tuple[nn.Module, nn.Module]:
+    """(the module in the model's forward, the adapter's trained head) of a PEFT
+    sequence-classification model: its first ``modules_to_save`` entry and, when PEFT
+    wrapped it, the wrapper's trained copy."""
+    name = model.peft_config["default"].modules_to_save[0]
+    wrapper = model.get_base_model().get_submodule(name)
+    return wrapper, getattr(wrapper, "modules_to_save", {"default": wrapper})["default"]
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
