@@ -19,8 +19,9 @@ It does so with the finished adapters (from the benchmark cache) and with each r
 ``--fraction`` of its steps, reproduced by retraining the same seeded run to that step (CPU
 training is deterministic; the per-layer update norms must match the signature's probe at that
 step, or the script stops). Then the leave-one-task-out evaluation of predictor_eval compares
-the predictor's default features with and without the head signals (the scale-like ones as
-logarithms), with a paired bootstrap of the gain. Writes head_signal_eval.md (and .json) to --results.
+the "partner magnitudes" features (the default when this was measured) with and without the
+head signals (the scale-like ones as logarithms), with a paired bootstrap of the gain. Writes
+head_signal_eval.md (and .json) to --results.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ from benchmarks.merge_retention import (  # noqa: E402
 )
 from benchmarks.plan_eval import write_report  # noqa: E402
 from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E402
-from mergeprobe.predictor import DEFAULT_FEATURES  # noqa: E402
 
+# The default predictor's features when these signals were measured; kept fixed so the gain
+# is measured against the same baseline whatever ships now.
+PARTNER_MAGNITUDES = ("interference_ratio", "update_norm_other", "drift_norm_other")
 HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
 # What the predictor reads: the scale-like ones as logarithms (they span several decades).
 HEAD_FEATURES = ("head_flip", "log_head_kl", "log_head_logit_shift")
@@ -293,7 +296,7 @@ def main(argv=None) -> int:
             "| signal | Spearman (all pairs) | within task |",
             "|---|---|---|",
         ]
-        for name in (*DEFAULT_FEATURES, *HEAD_SIGNALS):
+        for name in (*PARTNER_MAGNITUDES, *HEAD_SIGNALS):
             column = f"{column_prefix}_{name}"
             rho = spearmanr(frame[column], y, nan_policy="omit")[0]
             lines.append(f"| {name} | {rho:.3f} | {within_task_spearman(frame, column):.3f} |")
@@ -303,9 +306,9 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|",
         ]
         sets = {
-            "default (partner magnitudes)": list(DEFAULT_FEATURES),
+            "partner magnitudes (earlier default)": list(PARTNER_MAGNITUDES),
             "head signals": list(HEAD_FEATURES),
-            "default + head signals": [*DEFAULT_FEATURES, *HEAD_FEATURES],
+            "partner magnitudes + head signals": [*PARTNER_MAGNITUDES, *HEAD_FEATURES],
         }
         predictions = {}
         for set_name, names in sets.items():
@@ -318,8 +321,8 @@ def main(argv=None) -> int:
                 lines.append(f"| {set_name} | {model_name} | {fmt(m, ci)} |")
         lines += ["", "Gain in Spearman from adding the head signals (paired bootstrap, 95 %):"]
         for model_name in ("ridge", "boosting"):
-            a = predictions[("default (partner magnitudes)", model_name)]
-            b = predictions[("default + head signals", model_name)]
+            a = predictions[("partner magnitudes (earlier default)", model_name)]
+            b = predictions[("partner magnitudes + head signals", model_name)]
             gain = spearmanr(b, y)[0] - spearmanr(a, y)[0]
             low, high = paired_difference(a, b, y)
             payload[f"{column_prefix} / gain / {model_name}"] = [gain, low, high]

@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 from benchmarks import merge_retention as bench  # noqa: E402
 from benchmarks.predictor_eval import loto  # noqa: E402
 from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
-from mergeprobe.predictor import DEFAULT_FEATURES, METHODS  # noqa: E402
+from mergeprobe.predictor import DEFAULT_FEATURES, DEFAULT_MODEL, METHODS  # noqa: E402
 
 TAUS = (0.8, 0.85, 0.9, 0.95)
 
@@ -122,7 +122,7 @@ def chosen_predictor(results: Path, model: str | None = None) -> tuple[list[str]
     """The feature set and model predictor_eval.py chose (and shipped), if it ran."""
     chosen = results / "predictor_eval.json"
     if not chosen.is_file():
-        return list(DEFAULT_FEATURES), model or "ridge"
+        return list(DEFAULT_FEATURES), model or DEFAULT_MODEL
     report = json.loads(chosen.read_text())
     return report["chosen_features"]["features"], model or report["chosen_model"]
 
@@ -213,8 +213,8 @@ def main(argv=None) -> int:
     parser = benchmark_arguments(__doc__, probe="p05")
     parser.add_argument(
         "--model",
-        choices=("ridge", "boosting"),
-        help="default: the model predictor_eval.py chose (predictor_eval.json), else ridge",
+        choices=("ridge", "boosting", "damage"),
+        help="default: the model predictor_eval.py chose (predictor_eval.json), else damage",
     )
     args = parser.parse_args(argv)
     results, cache = results_and_cache(parser, args)

@@ -30,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mergeprobe.exceptions import InvalidParameterError  # noqa: E402
 from mergeprobe.predictor import (  # noqa: E402
     METHODS,
     RetentionPredictor,
@@ -48,6 +49,7 @@ FIRST_DEFAULT = (
 )
 ABSOLUTE_NORMS = ("update_norm_self", "update_norm_other", "drift_norm_self", "drift_norm_other")
 PREFIXES = ("p01", "p02", "p05", "p10", "final")
+MODELS = ("ridge", "boosting", "damage")
 THRESHOLD = 0.9
 N_BOOT = 1000
 
@@ -124,6 +126,9 @@ def seed_replication(frame: pd.DataFrame) -> dict[str, float] | None:
 def fmt(m: dict, ci: dict | None = None) -> str:
     cells = []
     for k in ("spearman", "pearson", "mae", "auroc"):
+        if not math.isfinite(m[k]):
+            cells.append("—")
+            continue
         text = f"{m[k]:.3f}"
         if ci is not None:
             text += f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]"
@@ -139,6 +144,11 @@ def main(argv=None) -> int:
     parser.add_argument("--triples", help="default: triples.csv beside --pairs")
     parser.add_argument(
         "--ship", action="store_true", help="write the default predictors into the package"
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        help="use this model for the tables and --ship instead of the best one at 5 %%",
     )
     parser.add_argument(
         "--feature-set",
@@ -190,14 +200,33 @@ def main(argv=None) -> int:
     def cols(prefix: str, names) -> list[str]:
         return [f"{prefix}_{f}" for f in names if f"{prefix}_{f}" in frame.columns]
 
+    def fits(model: str, names) -> bool:
+        # The damage model takes only non-negative scale signals (cosines are signed).
+        try:
+            RetentionPredictor(features=tuple(names), model=model)._validate_params()
+        except InvalidParameterError:
+            return False
+        return True
+
     set_scores = {}
     for set_name, names in feature_sets.items():
-        for model in ("ridge", "boosting"):
-            if cols("p05", names):
+        for model in MODELS:
+            if cols("p05", names) and fits(model, names):
                 m = metrics(loto(frame, cols("p05", names), y, model), y)
                 set_scores[(set_name, model)] = m
-    best_set = max(set_scores, key=lambda k: np.nan_to_num(set_scores[k]["spearman"], nan=-9))[0]
-    chosen_set = args.feature_set or best_set
+    candidates = {
+        k: v
+        for k, v in set_scores.items()
+        if args.feature_set in (None, k[0]) and args.model in (None, k[1])
+    }
+    if not candidates:
+        parser.error(f"model {args.model!r} cannot take feature set {args.feature_set!r}")
+    best_set, best_model = max(
+        set_scores, key=lambda k: np.nan_to_num(set_scores[k]["spearman"], nan=-9)
+    )
+    chosen_set, chosen_model = max(
+        candidates, key=lambda k: np.nan_to_num(candidates[k]["spearman"], nan=-9)
+    )
     features = feature_sets[chosen_set]
     out["feature_sets"] = {
         f"{k[0]} / {k[1]}": {"features": feature_sets[k[0]], **v} for k, v in set_scores.items()
@@ -205,7 +234,9 @@ def main(argv=None) -> int:
     out["chosen_features"] = {"set": chosen_set, "features": features}
 
     results = {}
-    for model in ("ridge", "boosting"):
+    for model in MODELS:
+        if not fits(model, features):
+            continue
         for prefix in PREFIXES:
             c = cols(prefix, features)
             if not c:
@@ -214,20 +245,20 @@ def main(argv=None) -> int:
             m, ci = metrics(pred, y), bootstrap(pred, y)
             results[(model, prefix)] = (m, ci, pred)
             lines.append(f"| {model} | {prefix} | {fmt(m, ci)} |")
-    best_model = max(("ridge", "boosting"), key=lambda k: results[(k, "p05")][0]["spearman"])
-    m5, _, pred5 = results[(best_model, "p05")]
+    m5, _, pred5 = results[(chosen_model, "p05")]
     # nulls at 5 %
     shuffled = [
-        metrics(loto(frame, cols("p05", features), y, best_model, shuffle_seed=s), y)
+        metrics(loto(frame, cols("p05", features), y, chosen_model, shuffle_seed=s), y)
         for s in range(5)
     ]
     null_shuffled = {k: float(np.nanmean([d[k] for d in shuffled])) for k in shuffled[0]}
+    # The chosen model on positive random values in place of its signals (positive, so the
+    # damage model can take them too).
     rng = np.random.default_rng(0)
     noise = frame.copy()
-    random_cols = [f"noise_{k}" for k in range(len(cols("p05", features)))]
-    for c in random_cols:
-        noise[c] = rng.normal(size=len(noise))
-    null_random = metrics(loto(noise, random_cols, y, "ridge"), y)
+    for c in cols("p05", features):
+        noise[c] = rng.lognormal(size=len(noise))
+    null_random = metrics(loto(noise, cols("p05", features), y, chosen_model), y)
     lines.append(f"| null: shuffled labels (mean of 5) | p05 | {fmt(null_shuffled)} |")
     lines.append(f"| null: random features | — | {fmt(null_random)} |")
     # one-feature baselines
@@ -244,28 +275,42 @@ def main(argv=None) -> int:
     lines.append(
         f"| kinship: final update cosine (LOTO ridge) | final | {fmt(metrics(kin_loto, y))} |"
     )
-    singles = {}
+    singles, raw_singles = {}, {}
     for name in signal_names:
         column = f"p05_{name}"
         if frame[column].notna().sum() < 10:
             continue
         singles[name] = metrics(loto(frame, [column], y, "ridge"), y)
-    best_single = max(
-        singles,
-        key=lambda k: singles[k]["spearman"] if math.isfinite(singles[k]["spearman"]) else -9,
-    )
+        # The feature itself as a ranking, nothing fitted (its sign chosen in-sample, so this
+        # is optimistic): no fold can shift it, which a fitted baseline's intercept does.
+        x = frame[column].to_numpy(dtype=float)
+        ok = np.isfinite(x)
+        sign = np.sign(spearmanr(x[ok], y[ok])[0]) or 1.0
+        raw_singles[name] = {**metrics(sign * x, y), "mae": math.nan, "sign": float(sign)}
+
+    def best_of(scores: dict) -> str:
+        return max(scores, key=lambda k: np.nan_to_num(scores[k]["spearman"], nan=-9))
+
+    best_single, best_raw = best_of(singles), best_of(raw_singles)
     lines.append(
         f"| best single early feature (LOTO ridge): {best_single} | p05 | {fmt(singles[best_single])} |"
     )
+    lines.append(
+        f"| best single early feature (raw ranking, sign chosen in-sample): {best_raw} | p05 | "
+        f"{fmt(raw_singles[best_raw])} |"
+    )
     lines.append("")
-    if chosen_set == best_set:
+    if (chosen_set, chosen_model) == (best_set, best_model):
         why = (
             "highest leave-one-task-out Spearman at 5 %; the choice is made on the same folds, "
             "so its figure is slightly optimistic"
         )
     else:
-        why = f"given with --feature-set; the best set at 5 % is **{best_set}**"
-    lines.append(f"Chosen: feature set **{chosen_set}**, model **{best_model}** ({why}).")
+        why = (
+            f"given with --feature-set / --model; the best at 5 % is **{best_set}** with "
+            f"**{best_model}**"
+        )
+    lines.append(f"Chosen: feature set **{chosen_set}**, model **{chosen_model}** ({why}).")
     lines.append("")
     lines.append("Feature sets at 5 % (leave-one-task-out):")
     lines.append("")
@@ -274,12 +319,21 @@ def main(argv=None) -> int:
     for (set_name, model), m in set_scores.items():
         lines.append(f"| {set_name} | {model} | {fmt(m)} |")
     lines.append("")
-    lines.append("Single early features (5 %, leave-one-task-out ridge on one feature):")
+    lines.append(
+        "Single early features (5 %): leave-one-task-out ridge on one feature, and the raw "
+        "feature as a ranking (Spearman, Pearson and AUROC of the signed feature):"
+    )
     lines.append("")
-    lines.append("| feature | Spearman | Pearson | MAE | AUROC |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(
+        "| feature | Spearman | Pearson | MAE | AUROC | raw Spearman | raw Pearson | raw AUROC |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
     for name in sorted(singles, key=lambda k: -np.nan_to_num(singles[k]["spearman"], nan=-9)):
-        lines.append(f"| {name} | {fmt(singles[name])} |")
+        raw = raw_singles[name]
+        lines.append(
+            f"| {name} | {fmt(singles[name])} | {raw['spearman']:.3f} | {raw['pearson']:.3f} "
+            f"| {raw['auroc']:.3f} |"
+        )
     lines.append("")
 
     # set retention from pairwise values, against the measured triples
@@ -321,8 +375,9 @@ def main(argv=None) -> int:
     out["intervals"] = {f"{m}/{p}": v[1] for (m, p), v in results.items()}
     out["null_shuffled"], out["null_random"] = null_shuffled, null_random
     out["best_single"] = {"feature": best_single, **singles[best_single]}
+    out["best_single_raw"] = {"feature": best_raw, **raw_singles[best_raw]}
     out["kinship"] = metrics(kin, y)
-    out["chosen_model"] = best_model
+    out["chosen_model"] = chosen_model
     out["loto_p05"] = m5
     out["seconds"] = round(time.perf_counter() - started, 1)
     lines.append(
@@ -351,7 +406,7 @@ def main(argv=None) -> int:
                 target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
                 keep = ~table.same_task.to_numpy() & np.isfinite(target)
                 data = table[keep]
-                predictor = RetentionPredictor(features=tuple(present), model=best_model)
+                predictor = RetentionPredictor(features=tuple(present), model=chosen_model)
                 predictor.fit(
                     data[cols(prefix, features)].set_axis(present, axis=1),
                     target[keep],
@@ -373,7 +428,8 @@ def main(argv=None) -> int:
                     "features": present,
                     "feature_set": chosen_set,
                     "tasks": sorted(table.self_task.unique()),
-                    f"loto_{prefix}": out["results"][f"{best_model}/{prefix}"],
+                    "model": chosen_model,
+                    f"loto_{prefix}": out["results"][f"{chosen_model}/{prefix}"],
                 },
             )
             print(f"wrote {path}")

@@ -301,7 +301,7 @@ def test_head_signal_evaluation_reproduces_the_early_runs(five_task_setup):
     report = json.loads((out / "head_signal_eval.json").read_text())
     # retraining the seeded run to the probe's step lands on the callback's recorded update
     assert report["reproduction_error"] < 1e-4
-    assert "p10 / default + head signals / ridge" in report
+    assert "p10 / partner magnitudes + head signals / ridge" in report
     with (out / "head_signals.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20  # every ordered pair of the five adapters

@@ -27,7 +27,18 @@ def _write_pairs(path, n=80):
 def test_fit_writes_predictors_that_reproduce_the_measurements(tmp_path, capsys):
     rows, y = _write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "mine.skops"
-    code = main(["fit", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--features", *FEATURES])
+    code = main(
+        [
+            "fit",
+            str(tmp_path / "pairs.jsonl"),
+            "--out",
+            str(out),
+            "--features",
+            *FEATURES,
+            "--model",
+            "ridge",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| direct | 80 | 3 |" in printed and "| ties | < 10 measured |" in printed

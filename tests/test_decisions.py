@@ -24,7 +24,7 @@ def _constant_predictor(tmp_path, value):
     """A fitted predictor that predicts ``value`` for every pair (a fixed outcome)."""
     rng = np.random.default_rng(0)
     rows = [{f: float(rng.uniform(0.5, 2)) for f in FEATURES} for _ in range(20)]
-    predictor = RetentionPredictor(features=FEATURES).fit(rows, np.full(20, value))
+    predictor = RetentionPredictor(features=FEATURES, model="ridge").fit(rows, np.full(20, value))
     return save_predictors(
         {"direct": predictor, "mean": predictor},
         tmp_path / f"const{value}.skops",

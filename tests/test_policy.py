@@ -130,7 +130,7 @@ def test_plan_by_matrices_equals_plan_by_pairs_and_builds_a_document():
 
     rows = [{f: float(rng.uniform(0.2, 3)) for f in FEATURES} for _ in range(40)]
     y = np.array([0.98 - 0.05 * r["drift_norm_ratio"] for r in rows])
-    predictor = RetentionPredictor(features=FEATURES).fit(rows, y)
+    predictor = RetentionPredictor(features=FEATURES, model="ridge").fit(rows, y)
     plan = build_plan(signatures, {"direct": predictor}, Policy(tau=0.9, methods=("direct",)))
     assert plan["summary"]["adapters"] == 8 and plan["summary"]["pairs_predicted"] == 56
     # the same plan from per-pair predictions through Policy.plan

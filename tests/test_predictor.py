@@ -43,7 +43,7 @@ def _rows(n=80, seed=0):
 
 def test_ridge_recovers_a_linear_log_relation():
     rows, y, groups = _rows()
-    predictor = RetentionPredictor(features=FEATURES).fit(rows, y, groups=groups)
+    predictor = RetentionPredictor(features=FEATURES, model="ridge").fit(rows, y, groups=groups)
     test_rows, test_y, _ = _rows(20, seed=1)
     assert np.abs(predictor.predict(test_rows) - test_y).max() < 0.01
     low, high = predictor.residual_quantiles_
@@ -53,7 +53,7 @@ def test_ridge_recovers_a_linear_log_relation():
 def test_missing_signals_stay_missing_not_zero():
     rows, y, groups = _rows()
     rows[3]["cka_self"] = None  # one training row misses it too: the indicator is learned
-    predictor = RetentionPredictor(features=FEATURES).fit(rows, y, groups=groups)
+    predictor = RetentionPredictor(features=FEATURES, model="ridge").fit(rows, y, groups=groups)
     base = {"interference_ratio_last": 1.0, "drift_norm_ratio": 1.0}
     missing = predictor.predict([{**base}])[0]
     zero = predictor.predict([{**base, "cka_self": 0.0}])[0]
@@ -66,7 +66,9 @@ def test_missing_signals_stay_missing_not_zero():
 def test_interval_brackets_the_prediction():
     rows, y, groups = _rows()
     y = y + np.random.default_rng(0).normal(0, 0.05, len(y))
-    predictor = RetentionPredictor(features=FEATURES, coverage=0.8).fit(rows, y, groups=groups)
+    predictor = RetentionPredictor(features=FEATURES, model="ridge", coverage=0.8).fit(
+        rows, y, groups=groups
+    )
     interval = predictor.predict_interval(rows)
     point = predictor.predict(rows)
     assert (interval[:, 0] < point).all() and (point < interval[:, 1]).all()
@@ -74,10 +76,46 @@ def test_interval_brackets_the_prediction():
     assert 0.6 < inside < 0.95
 
 
-@pytest.mark.parametrize("model", ["ridge", "boosting"])
+def test_damage_model_recovers_damage_proportional_to_interference():
+    # R = 1 - 0.04 * interference - 0.01 * drift ratio, exactly: no intercept to find.
+    rows, _, groups = _rows()
+    y = np.array(
+        [1 - 0.04 * r["interference_ratio_last"] - 0.01 * r["drift_norm_ratio"] for r in rows]
+    )
+    features = ("interference_ratio_last", "drift_norm_ratio")
+    predictor = RetentionPredictor(features=features, model="damage").fit(rows, y, groups=groups)
+    np.testing.assert_allclose(predictor.estimator_[-1].coef_, [0.04, 0.01], atol=1e-9)
+    # A partner that moves nothing costs nothing; raw signals, not their logarithms.
+    assert predictor.predict([{"interference_ratio_last": 0.0, "drift_norm_ratio": 0.0}])[0] == (
+        pytest.approx(1.0, abs=1e-9)
+    )
+    assert predictor.predict([{"interference_ratio_last": 2.0, "drift_norm_ratio": 3.0}])[0] == (
+        pytest.approx(1 - 0.08 - 0.03, abs=1e-9)
+    )
+
+
+def test_damage_model_never_lets_a_signal_raise_retention():
+    rows, _, groups = _rows()
+    # Retention that *rises* with the drift ratio: the damage model may not follow it.
+    y = np.array(
+        [1 - 0.04 * r["interference_ratio_last"] + 0.02 * r["drift_norm_ratio"] for r in rows]
+    )
+    features = ("interference_ratio_last", "drift_norm_ratio")
+    predictor = RetentionPredictor(features=features, model="damage").fit(rows, y, groups=groups)
+    assert (predictor.estimator_[-1].coef_ >= 0).all()
+
+
+def test_damage_model_refuses_signed_signals():
+    rows, y, _ = _rows()
+    with pytest.raises(InvalidParameterError, match="non-negative scale signals"):
+        RetentionPredictor(features=FEATURES, model="damage").fit(rows, y)
+
+
+@pytest.mark.parametrize("model", ["ridge", "boosting", "damage"])
 def test_round_trip_through_skops_gives_identical_predictions(tmp_path, model):
     rows, y, groups = _rows()
-    predictor = RetentionPredictor(features=FEATURES, model=model).fit(rows, y, groups=groups)
+    features = FEATURES[:2] if model == "damage" else FEATURES
+    predictor = RetentionPredictor(features=features, model=model).fit(rows, y, groups=groups)
     path = save_predictors({"direct": predictor}, tmp_path / "p.skops", {"trained_on": 80})
     loaded, meta = load_predictors(path)
     assert meta["trained_on"] == 80 and meta["mergeprobe_version"]
@@ -87,7 +125,7 @@ def test_round_trip_through_skops_gives_identical_predictions(tmp_path, model):
 
 def test_a_pickle_is_refused(tmp_path):
     rows, y, groups = _rows()
-    predictor = RetentionPredictor(features=FEATURES).fit(rows, y, groups=groups)
+    predictor = RetentionPredictor(features=FEATURES, model="ridge").fit(rows, y, groups=groups)
     path = tmp_path / "predictor.skops"  # a pickle under a harmless-looking name
     path.write_bytes(pickle.dumps({"direct": predictor}))
     with pytest.raises(UnsafePredictorError, match="pickle"):
@@ -124,9 +162,9 @@ def test_invalid_parameters_are_reported_clearly():
     with pytest.raises(InvalidParameterError, match="model must be one of"):
         RetentionPredictor(features=FEATURES, model="xgboost").fit(rows, y)
     with pytest.raises(InvalidParameterError, match="one value per row"):
-        RetentionPredictor(features=FEATURES).fit(rows, y[:-1])
+        RetentionPredictor(features=FEATURES, model="ridge").fit(rows, y[:-1])
     with pytest.raises(InvalidParameterError, match="coverage"):
-        RetentionPredictor(features=FEATURES, coverage=1.5).fit(rows, y)
+        RetentionPredictor(features=FEATURES, model="ridge", coverage=1.5).fit(rows, y)
 
 
 def test_fit_from_a_jsonl_of_measured_pairs(tmp_path):
@@ -136,13 +174,13 @@ def test_fit_from_a_jsonl_of_measured_pairs(tmp_path):
         for row, value, group in zip(rows, y, groups, strict=True):
             f.write(json.dumps({**row, "retention_direct": value, "group": f"t{group}"}) + "\n")
     out = tmp_path / "mine.skops"
-    predictors = fit(path, features=FEATURES, out=out)
+    predictors = fit(path, features=FEATURES, model="ridge", out=out)
     assert set(predictors) == {"direct"}
     loaded, meta = load_predictors(out)
     assert meta["trained_on"] == {"direct": 80}
     np.testing.assert_allclose(loaded["direct"].predict(rows[:5]), y[:5], atol=0.01)
     with pytest.raises(InvalidParameterError, match="10 or more"):
-        fit(rows[:5], features=FEATURES)
+        fit(rows[:5], features=FEATURES, model="ridge")
 
 
 def test_set_retention_adds_the_damages():

@@ -211,7 +211,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .predictor import DEFAULT_FEATURES
+    from .predictor import DEFAULT_FEATURES, DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="mergeprobe",
@@ -234,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("pairs", help="JSONL file of measured pairs")
     fit.add_argument("--out", required=True, help="predictor file to write (.skops)")
     fit.add_argument(
-        "--model", choices=("ridge", "boosting"), default="ridge", help="default: ridge"
+        "--model",
+        choices=("ridge", "boosting", "damage"),
+        default=DEFAULT_MODEL,
+        help=f"default: {DEFAULT_MODEL}; damage takes only non-negative scale signals "
+        "(norms, ratios)",
     )
     fit.add_argument(
         "--features",

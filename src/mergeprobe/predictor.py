@@ -27,6 +27,7 @@ from .exceptions import InvalidParameterError, MergeprobeError
 
 __all__ = [
     "DEFAULT_FEATURES",
+    "DEFAULT_MODEL",
     "METHODS",
     "RetentionPredictor",
     "UnsafePredictorError",
@@ -38,10 +39,11 @@ __all__ = [
 
 METHODS = ("direct", "mean", "ties", "dare")
 # Chosen by leave-one-task-out measurement on the benchmark (benchmarks/predictor_eval.py,
-# results/predictor_eval.md): how far the partner moves the shared weights and hidden states,
-# and how much of that lands inside the own drift region, generalise to unseen tasks best;
-# direction cosines and per-run descriptors did not (design §3).
-DEFAULT_FEATURES = ("interference_ratio", "update_norm_other", "drift_norm_other")
+# results/predictor_eval.md): how much of the partner's drift lands inside the own drift
+# region, read as damage that vanishes with it, generalises to unseen tasks best; direction
+# cosines and per-run descriptors did not (design §3).
+DEFAULT_FEATURES = ("interference_ratio", "interference_ratio_last")
+DEFAULT_MODEL = "damage"
 # Positive, scale-like features enter the model as logarithms: ratios are symmetric in log
 # space (2x and 0.5x are equally far from 1).
 _LOG_FEATURES = {
@@ -55,7 +57,10 @@ _LOG_FEATURES = {
     "drift_norm_self",
     "drift_norm_other",
 }
-_MODELS = ("ridge", "boosting")
+_MODELS = ("ridge", "boosting", "damage")
+# The damage model reads scale-like signals as they are (no logarithm): damage must vanish
+# when the partner moves nothing, which a zero signal means only on the raw scale.
+_DAMAGE_FEATURES = _LOG_FEATURES
 _DEFAULT_PATH = Path(__file__).parent / "data" / "default_predictors.skops"
 # Fitted on final adapters: for plans over finished adapters (``mergeprobe add``), whose
 # update and drift magnitudes are far larger than at 5 % of a run.
@@ -67,8 +72,10 @@ class UnsafePredictorError(MergeprobeError):
     """A predictor file is a pickle or holds types outside mergeprobe's allow-list."""
 
 
-def _feature_matrix(X: Any, features: Sequence[str]) -> np.ndarray:
-    """Rows of signals → float matrix in ``features`` order; absent keys become NaN."""
+def _feature_matrix(X: Any, features: Sequence[str], *, log: bool = True) -> np.ndarray:
+    """Rows of signals → float matrix in ``features`` order; absent keys become NaN.
+
+    With ``log``, scale-like signals become logarithms (non-positive values become NaN)."""
     if hasattr(X, "columns"):  # pandas DataFrame
         missing = [f for f in features if f not in X.columns]
         if missing:
@@ -87,6 +94,8 @@ def _feature_matrix(X: Any, features: Sequence[str]) -> np.ndarray:
             )
         matrix = matrix.copy()
     matrix[~np.isfinite(matrix)] = np.nan
+    if not log:
+        return matrix
     for k, name in enumerate(features):
         if name in _LOG_FEATURES:
             column = matrix[:, k]
@@ -109,9 +118,12 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
     ----------
     features : sequence of str
         Names of the pairwise signals used, in order (see ``pairwise_signals``).
-    model : {"ridge", "boosting"}
-        Ridge regression on standardised features (cross-validated penalty), or shallow
-        histogram gradient boosting.
+    model : {"ridge", "boosting", "damage"}
+        Ridge regression on standardised features (cross-validated penalty), shallow
+        histogram gradient boosting, or the damage model: ``1 - R`` as a non-negative
+        combination of non-negative scale signals with no intercept, so a partner that moves
+        nothing predicts no loss. Its fit has no free baseline to absorb the training tasks'
+        mean retention, which generalises to unseen tasks better (``results/predictor_eval.md``).
     coverage : float in (0, 1)
         Nominal coverage of ``predict_interval``; the interval comes from out-of-fold
         residual quantiles (grouped when ``fit`` gets ``groups``), so it is honest for pairs
@@ -123,7 +135,7 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
     def __init__(
         self,
         features: Sequence[str] = DEFAULT_FEATURES,
-        model: str = "ridge",
+        model: str = DEFAULT_MODEL,
         coverage: float = 0.8,
         random_state: int = 0,
     ) -> None:
@@ -141,11 +153,18 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
             raise InvalidParameterError(f"model must be one of {_MODELS}; got {self.model!r}")
         if not 0 < float(self.coverage) < 1:
             raise InvalidParameterError(f"coverage must lie in (0, 1); got {self.coverage!r}")
+        if self.model == "damage":
+            signed = [f for f in self.features if f not in _DAMAGE_FEATURES]
+            if signed:
+                raise InvalidParameterError(
+                    f"the damage model takes non-negative scale signals "
+                    f"({', '.join(sorted(_DAMAGE_FEATURES))}); got {signed}"
+                )
 
     def _make_estimator(self):
         from sklearn.ensemble import HistGradientBoostingRegressor
         from sklearn.impute import SimpleImputer
-        from sklearn.linear_model import RidgeCV
+        from sklearn.linear_model import LinearRegression, RidgeCV
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
@@ -156,6 +175,20 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
                 max_iter=150,
                 min_samples_leaf=20,
                 random_state=self.random_state,
+            )
+        if self.model == "damage":
+            # Fitted to 1 - R (see _target / _untarget). A missing signal costs a learned,
+            # non-negative damage through its indicator column.
+            return Pipeline(
+                [
+                    (
+                        "impute",
+                        SimpleImputer(
+                            strategy="median", add_indicator=True, keep_empty_features=True
+                        ),
+                    ),
+                    ("damage", LinearRegression(fit_intercept=False, positive=True)),
+                ]
             )
         return Pipeline(
             [
@@ -178,7 +211,7 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
 
         self._validate_params()
         self.features = tuple(self.features)
-        matrix = _feature_matrix(X, self.features)
+        matrix = self._matrix(X)
         target = np.asarray(y, dtype=float)
         if target.shape != (matrix.shape[0],):
             raise InvalidParameterError(
@@ -205,12 +238,12 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         if splitter is not None:
             out_of_fold = np.full(target.shape, np.nan)
             for train, test in splitter.split(matrix, target, groups):
-                estimator = self._make_estimator().fit(matrix[train], target[train])
-                out_of_fold[test] = estimator.predict(matrix[test])
+                estimator = self._make_estimator().fit(matrix[train], self._target(target[train]))
+                out_of_fold[test] = self._untarget(estimator.predict(matrix[test]))
             residuals = target - out_of_fold
-        self.estimator_ = self._make_estimator().fit(matrix, target)
+        self.estimator_ = self._make_estimator().fit(matrix, self._target(target))
         if residuals.size == 0:  # one group only: fall back to in-sample residuals
-            residuals = target - self.estimator_.predict(matrix)
+            residuals = target - self._untarget(self.estimator_.predict(matrix))
         tail = (1 - float(self.coverage)) / 2
         self.residual_quantiles_ = (
             float(np.quantile(residuals, tail)),
@@ -220,6 +253,14 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         self.n_train_ = int(matrix.shape[0])
         return self
 
+    def _matrix(self, X: Any) -> np.ndarray:
+        return _feature_matrix(X, self.features, log=self.model != "damage")
+
+    def _target(self, retention: np.ndarray) -> np.ndarray:
+        return 1.0 - retention if self.model == "damage" else retention
+
+    _untarget = _target  # 1 - (1 - R) = R: the same map both ways
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "estimator_"):
             raise MergeprobeError("this RetentionPredictor is not fitted yet; call fit first")
@@ -227,8 +268,8 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """Predicted retention for each row of ``X``."""
         self._check_fitted()
-        matrix = _feature_matrix(X, self.features)[:, self.active_features_]
-        return self.estimator_.predict(matrix)
+        matrix = self._matrix(X)[:, self.active_features_]
+        return self._untarget(self.estimator_.predict(matrix))
 
     def predict_interval(self, X: Any) -> np.ndarray:
         """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
@@ -328,7 +369,7 @@ def fit(
     pairs: str | os.PathLike | Sequence[Mapping[str, Any]],
     *,
     features: Sequence[str] = DEFAULT_FEATURES,
-    model: str = "ridge",
+    model: str = DEFAULT_MODEL,
     group_key: str | None = "group",
     out: str | os.PathLike | None = None,
 ) -> dict[str, RetentionPredictor]:
