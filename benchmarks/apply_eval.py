@@ -35,6 +35,7 @@ from benchmarks.plan_eval import (  # noqa: E402
     benchmark_arguments,
     chosen_predictor,
     load_config,
+    load_pairs,
     open_runner,
     results_and_cache,
     write_report,
@@ -45,7 +46,7 @@ from mergeprobe.policy import Policy  # noqa: E402
 from mergeprobe.predictor import METHODS  # noqa: E402
 
 
-def training_rows(frame: pd.DataFrame, seed: int, features: list[str], prefix: str) -> list[dict]:
+def training_rows(frame: pd.DataFrame, seed: int, features, prefix: str) -> list[dict]:
     """Measured cross-task pairs among one seed's adapters, as ``mergeprobe.fit`` rows."""
     rows = []
     part = frame[(frame.self_seed == seed) & (frame.other_seed == seed) & ~frame.same_task]
@@ -57,14 +58,21 @@ def training_rows(frame: pd.DataFrame, seed: int, features: list[str], prefix: s
     return rows
 
 
-def seed_predictors(frame: pd.DataFrame, seeds, seed: int, features: list[str], probe: str, model):
+def seed_predictors(
+    frame: pd.DataFrame, seeds, seed: int, features: list[str], probe: str, model, fallback=None
+):
     """Predictors for one seed's adapters, refitted on the other seed's measured pairs (the
     same tasks, other runs), and their label. With one seed there is no other: they are fitted
-    on the same pairs (in-sample), and the label says so."""
+    on the same pairs (in-sample), and the label says so. ``fallback``: signals of the model
+    for pairs that miss any of ``features`` (signatures recorded without a task head)."""
     others = [s for s in seeds if s != seed]
     source = others[0] if others else seed
+    read = dict.fromkeys([*features, *(fallback or ())])
     predictors = fit_predictors(
-        training_rows(frame, source, features, probe), features=features, model=model
+        training_rows(frame, source, read, probe),
+        features=features,
+        model=model,
+        fallback_features=fallback,
     )
     label = f"refit on seed {source}, {probe} signals" + ("" if others else " (in-sample)")
     return predictors, label
@@ -100,8 +108,8 @@ def main(argv=None) -> int:
     results, cache = results_and_cache(parser, args)
     started = time.perf_counter()
     config = load_config(results)
-    frame = pd.read_csv(results / "pairs.csv")
-    features, model = chosen_predictor(results)
+    frame = load_pairs(results / "pairs.csv")
+    features, model, fallback = chosen_predictor(results)
     by_run, evaluator, runner = open_runner(config, cache)
     store = SignatureStore(cache / "stores" / config.store_key())
     prefix = evaluator.model.base_model_prefix
@@ -117,7 +125,9 @@ def main(argv=None) -> int:
         return evaluator.accuracy(target.task, head) / runner.accuracy([target], "direct", target)
 
     for seed in config.seeds:
-        predictors, label = seed_predictors(frame, config.seeds, seed, features, args.probe, model)
+        predictors, label = seed_predictors(
+            frame, config.seeds, seed, features, args.probe, model, fallback
+        )
         names = [f"{t}-s{seed}" for t in config.tasks]
         signatures = [store.load(n) for n in names]
         plan = build_plan(

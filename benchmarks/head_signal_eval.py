@@ -37,7 +37,6 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from scipy.special import log_softmax
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +56,7 @@ from benchmarks.merge_retention import (  # noqa: E402
 )
 from benchmarks.plan_eval import write_report  # noqa: E402
 from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E402
+from mergeprobe.signals.compare import _head_signals  # noqa: E402
 
 # The default predictor's features when these signals were measured; kept fixed so the gain
 # is measured against the same baseline whatever ships now.
@@ -93,20 +93,19 @@ def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def head_signals(own: dict[str, np.ndarray], partner: dict[str, np.ndarray]) -> dict[str, float]:
-    """Signals of ``own`` merged with ``partner`` through ``own``'s head (see module doc)."""
-    w, b = own["weight"], own["bias"]
-    alone = (own["base"] + own["drift"]) @ w.T + b
-    merged = alone + partner["drift"] @ w.T
-    centred = w - w.mean(0, keepdims=True)  # softmax sees only differences of logits
-    log_p, log_q = log_softmax(alone, axis=1), log_softmax(merged, axis=1)
-    own_shift = np.linalg.norm(own["drift"] @ centred.T)
-    return {
-        "head_flip": float((alone.argmax(1) != merged.argmax(1)).mean()),
-        "head_kl": float((np.exp(log_p) * (log_p - log_q)).sum(1).mean()),
-        "head_logit_shift": float(np.linalg.norm(partner["drift"] @ centred.T) / own_shift)
-        if own_shift > 0
-        else float("nan"),
+    """Signals of ``own`` merged with ``partner`` through ``own``'s head: the package's own
+    computation (``pairwise_signals``' head signals) on these states."""
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=torch.float64)
+
+    recorded = {
+        "head_input": tensor(own["base"]) + tensor(own["drift"]),
+        "head_input_drift": tensor(own["drift"]),
+        "head_weight": tensor(own["weight"]),
+        "head_bias": tensor(own["bias"]),
     }
+    return _head_signals(recorded, {"head_input_drift": tensor(partner["drift"])})
 
 
 def measure_states(

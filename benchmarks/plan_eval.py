@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks import merge_retention as bench  # noqa: E402
-from benchmarks.predictor_eval import loto  # noqa: E402
+from benchmarks.predictor_eval import load_pairs, loto  # noqa: E402
 from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
 from mergeprobe.predictor import DEFAULT_FEATURES, DEFAULT_MODEL, METHODS  # noqa: E402
 
@@ -118,13 +118,17 @@ def evaluate_plan(decisions, runner, by_run) -> tuple[dict[str, float], list]:
     return retention, groups
 
 
-def chosen_predictor(results: Path, model: str | None = None) -> tuple[list[str], str]:
-    """The feature set and model predictor_eval.py chose (and shipped), if it ran."""
+def chosen_predictor(
+    results: Path, model: str | None = None
+) -> tuple[list[str], str, list[str] | None]:
+    """The feature set, model and fallback signals predictor_eval.py chose (and shipped), if
+    it ran."""
     chosen = results / "predictor_eval.json"
     if not chosen.is_file():
-        return list(DEFAULT_FEATURES), model or DEFAULT_MODEL
+        return list(DEFAULT_FEATURES), model or DEFAULT_MODEL, None
     report = json.loads(chosen.read_text())
-    return report["chosen_features"]["features"], model or report["chosen_model"]
+    features = report["chosen_features"]
+    return features["features"], model or report["chosen_model"], features.get("fallback")
 
 
 def open_runner(config: bench.BenchConfig, cache: Path):
@@ -220,9 +224,9 @@ def main(argv=None) -> int:
     results, cache = results_and_cache(parser, args)
     started = time.perf_counter()
     config = load_config(results)
-    table = pd.read_csv(results / "pairs.csv")
+    table = load_pairs(results / "pairs.csv")
     frame = table[~table.same_task].reset_index(drop=True)
-    features, model = chosen_predictor(results, args.model)
+    features, model, _ = chosen_predictor(results, args.model)
     predicted = predicted_pairs(frame, args.probe, model, features)
     measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
 

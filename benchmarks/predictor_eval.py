@@ -87,6 +87,30 @@ def signal_name(column: str) -> str:
     return rest if head in PREFIXES else column
 
 
+HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
+# The model for pairs without head signals (causal LMs, signatures recorded before the callback
+# kept the head): the best set without them.
+FALLBACK_SET = "partner interference"
+# Signals defined from other signals (pairwise_signals): not counted as measured signals.
+COMPOSITES = {"head_interference"}
+
+
+def load_pairs(path: Path) -> pd.DataFrame:
+    """The pair table, with the head signals of ``head_signal_eval.py`` (``head_signals.csv``
+    beside it) when the table predates the callback recording them, and the head interference
+    (``pairwise_signals``' definition) at every fraction that has both of its parts."""
+    table = pd.read_csv(path)
+    extra = Path(path).with_name("head_signals.csv")
+    if extra.is_file() and not any(c.endswith("_head_kl") for c in table.columns):
+        table = table.merge(pd.read_csv(extra), on=["self", "other"], how="left")
+    for prefix in PREFIXES:
+        ratio, kl = f"{prefix}_interference_ratio_last", f"{prefix}_head_kl"
+        target = f"{prefix}_head_interference"
+        if ratio in table.columns and kl in table.columns and target not in table.columns:
+            table[target] = np.sqrt(table[ratio] * table[kl].clip(lower=0))
+    return table.copy()  # one block again after the added columns
+
+
 def loto(frame: pd.DataFrame, columns: list[str], y: np.ndarray, model: str, *, shuffle_seed=None):
     """Out-of-fold predictions, one fold per task of the pair's own adapter, by the same
     predictor that ``--ship`` fits (the columns renamed to their signal names)."""
@@ -160,7 +184,7 @@ def main(argv=None) -> int:
     if not pairs_path.is_file():
         parser.error(f"{pairs_path} not found: run benchmarks/merge_retention.py first")
     started = time.perf_counter()
-    table = pd.read_csv(pairs_path)
+    table = load_pairs(pairs_path)
     frame = table[~table.same_task].reset_index(drop=True)
     y = frame["retention_ratio_direct"].to_numpy(dtype=float)
     out: dict = {"pairs": str(pairs_path), "n_pairs": len(frame), "threshold": THRESHOLD}
@@ -186,12 +210,25 @@ def main(argv=None) -> int:
         "ratios + CKA (first default)": list(FIRST_DEFAULT),
         "ratios + CKA + absolute norms": [*FIRST_DEFAULT, *ABSOLUTE_NORMS],
         "partner interference": ["interference_ratio", "interference_ratio_last"],
+        # Added after head_signal_eval.py measured the head signals on this table, and the
+        # composite after looking at them: their figures carry that selection.
+        "head interference": ["head_interference"],
+        "partner interference + head": [
+            "interference_ratio",
+            "interference_ratio_last",
+            *HEAD_SIGNALS,
+        ],
         "partner magnitudes": ["interference_ratio", "update_norm_other", "drift_norm_other"],
-        "magnitudes only": [f for f in signal_names if "norm" in f or "interference" in f],
+        # (the head signals stay out of the sets declared before them)
+        "magnitudes only": [
+            f
+            for f in signal_names
+            if ("norm" in f or "interference" in f) and not f.startswith("head_")
+        ],
         "per-run only (no pair interaction)": [
             f for f in signal_names if f.endswith(("_self", "_other")) and "fraction" not in f
         ],
-        "every signal": signal_names,
+        "every signal": [f for f in signal_names if not f.startswith("head_")],
     }
 
     if args.feature_set is not None and args.feature_set not in feature_sets:
@@ -231,7 +268,9 @@ def main(argv=None) -> int:
     out["feature_sets"] = {
         f"{k[0]} / {k[1]}": {"features": feature_sets[k[0]], **v} for k, v in set_scores.items()
     }
-    out["chosen_features"] = {"set": chosen_set, "features": features}
+    # Pairs without head signals (causal LMs, older signatures) need a model without them.
+    fallback = feature_sets[FALLBACK_SET] if any(f.startswith("head_") for f in features) else None
+    out["chosen_features"] = {"set": chosen_set, "features": features, "fallback": fallback}
 
     results = {}
     for model in MODELS:
@@ -245,6 +284,16 @@ def main(argv=None) -> int:
             m, ci = metrics(pred, y), bootstrap(pred, y)
             results[(model, prefix)] = (m, ci, pred)
             lines.append(f"| {model} | {prefix} | {fmt(m, ci)} |")
+    if fallback:
+        # The model that predicts pairs without head signals, at every fraction.
+        out["fallback_results"] = {}
+        for prefix in PREFIXES:
+            if c := cols(prefix, fallback):
+                pred = loto(frame, c, y, chosen_model)
+                m, ci = metrics(pred, y), bootstrap(pred, y)
+                out["fallback_results"][prefix] = {**m, "ci": ci}
+                label = f"{chosen_model}, fallback without head signals ({FALLBACK_SET})"
+                lines.append(f"| {label} | {prefix} | {fmt(m, ci)} |")
     m5, _, pred5 = results[(chosen_model, "p05")]
     # nulls at 5 %
     shuffled = [
@@ -292,6 +341,8 @@ def main(argv=None) -> int:
         return max(scores, key=lambda k: np.nan_to_num(scores[k]["spearman"], nan=-9))
 
     best_single, best_raw = best_of(singles), best_of(raw_singles)
+    measured_singles = {k: v for k, v in raw_singles.items() if k not in COMPOSITES}
+    best_measured = best_of(measured_singles)
     lines.append(
         f"| best single early feature (LOTO ridge): {best_single} | p05 | {fmt(singles[best_single])} |"
     )
@@ -299,6 +350,11 @@ def main(argv=None) -> int:
         f"| best single early feature (raw ranking, sign chosen in-sample): {best_raw} | p05 | "
         f"{fmt(raw_singles[best_raw])} |"
     )
+    if best_measured != best_raw:
+        lines.append(
+            f"| best single measured signal, not a composite (raw ranking): {best_measured} | "
+            f"p05 | {fmt(measured_singles[best_measured])} |"
+        )
     lines.append("")
     if (chosen_set, chosen_model) == (best_set, best_model):
         why = (
@@ -376,6 +432,7 @@ def main(argv=None) -> int:
     out["null_shuffled"], out["null_random"] = null_shuffled, null_random
     out["best_single"] = {"feature": best_single, **singles[best_single]}
     out["best_single_raw"] = {"feature": best_raw, **raw_singles[best_raw]}
+    out["best_measured_raw"] = {"feature": best_measured, **measured_singles[best_measured]}
     out["kinship"] = metrics(kin, y)
     out["chosen_model"] = chosen_model
     out["loto_p05"] = m5
@@ -402,13 +459,19 @@ def main(argv=None) -> int:
             predictors = {}
             trained_on = {}
             present = [c[len(prefix) + 1 :] for c in cols(prefix, features)]
+            backup = [c[len(prefix) + 1 :] for c in cols(prefix, fallback)] if fallback else None
+            read = cols(prefix, dict.fromkeys([*features, *(fallback or ())]))
             for method in METHODS:
                 target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
                 keep = ~table.same_task.to_numpy() & np.isfinite(target)
                 data = table[keep]
-                predictor = RetentionPredictor(features=tuple(present), model=chosen_model)
+                predictor = RetentionPredictor(
+                    features=tuple(present),
+                    model=chosen_model,
+                    fallback_features=tuple(backup) if backup else None,
+                )
                 predictor.fit(
-                    data[cols(prefix, features)].set_axis(present, axis=1),
+                    data[read].set_axis([signal_name(c) for c in read], axis=1),
                     target[keep],
                     groups=data.self_task,
                 )
@@ -426,6 +489,7 @@ def main(argv=None) -> int:
                     "signals": signals,
                     "state": "final" if prefix == "final" else "early",
                     "features": present,
+                    "fallback_features": backup,
                     "feature_set": chosen_set,
                     "tasks": sorted(table.self_task.unique()),
                     "model": chosen_model,

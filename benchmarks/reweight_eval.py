@@ -51,6 +51,7 @@ from benchmarks.plan_eval import (  # noqa: E402
     benchmark_arguments,
     chosen_predictor,
     load_config,
+    load_pairs,
     open_runner,
     results_and_cache,
     write_report,
@@ -147,8 +148,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     config = load_config(results)
-    frame = pd.read_csv(results / "pairs.csv")
-    features, model_kind = chosen_predictor(results)
+    frame = load_pairs(results / "pairs.csv")
+    features, model_kind, fallback = chosen_predictor(results)
     by_run, evaluator, runner = open_runner(config, cache)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tasks = {name: bench.load_task(Path(config.data), name) for name in config.tasks}
@@ -219,7 +220,9 @@ def main(argv=None) -> int:
 
     rows, weights_rows = [], []
     for seed in config.seeds:
-        predictors, _ = seed_predictors(frame, config.seeds, seed, features, args.probe, model_kind)
+        predictors, _ = seed_predictors(
+            frame, config.seeds, seed, features, args.probe, model_kind, fallback
+        )
         names = [f"{t}-s{seed}" for t in config.tasks]
         signatures = [store.load(n) for n in names]
         cross = frame[

@@ -149,6 +149,7 @@ def test_only_skips_the_costly_signals_not_asked_for_and_keeps_the_rest_exact():
         "update_sign_agreement",
         "update_subspace_excess",
         "interference_ratio_last",
+        "head_interference",
     }
     assert some["interference_ratio"] == full["interference_ratio"]
     # every cheap signal is still there, with the same value
@@ -156,7 +157,44 @@ def test_only_skips_the_costly_signals_not_asked_for_and_keeps_the_rest_exact():
         assert value == full[name] or (math.isnan(value) and math.isnan(full[name])), name
 
 
-def _random_signature(name, seed, layers, drift_layers, arch="arch"):
+def _head(x, drift, weight, bias=None):
+    return {
+        "head_input": torch.tensor(x, dtype=torch.float32),
+        "head_input_drift": torch.tensor(drift, dtype=torch.float32),
+        "head_weight": torch.tensor(weight, dtype=torch.float32),
+        "head_bias": torch.zeros(len(weight)) if bias is None else torch.tensor(bias),
+    }
+
+
+def test_head_signals_read_the_partner_drift_through_own_head():
+    # Two anchors, two classes, W = I: own logits are the head inputs themselves.
+    own = _head([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])
+    partner = _head([[0.0, 0.0], [0.0, 0.0]], [[0.0, 2.0], [0.0, 0.0]], [[1.0, 0.0]])
+    signals = pairwise_signals(_signature("a", own), _signature("b", partner))
+    # anchor 0: logits (1, 0) -> (1, 2), its class flips; anchor 1: (0, 1) unchanged
+    assert signals["head_flip"] == pytest.approx(0.5)
+    # KL(softmax(1, 0) || softmax(1, 2)) = p0 - p1 = (e - 1) / (e + 1); anchor 1 adds 0
+    assert signals["head_kl"] == pytest.approx((math.e - 1) / (math.e + 1) / 2)
+    # centred W = [[.5, -.5], [-.5, .5]]: partner shift (-1, 1) -> √2, own (.5, -.5) -> √.5
+    assert signals["head_logit_shift"] == pytest.approx(2.0)
+    # without drift sketches there is no interference ratio, so no head interference
+    assert math.isnan(signals["head_interference"])
+    # the partner's 1-class head is never used in this direction; in the other it is
+    back = pairwise_signals(_signature("b", partner), _signature("a", own))
+    assert back["head_flip"] == 0.0 and back["head_kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_head_signals_are_missing_not_zero_without_a_head_or_with_other_anchors():
+    own = _head([[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])
+    no_head = _signature("b", {})
+    signals = pairwise_signals(_signature("a", own), no_head)
+    assert all(math.isnan(signals[k]) for k in ("head_flip", "head_kl", "head_logit_shift"))
+    three = _head([[1.0, 0.0]] * 3, [[1.0, 0.0]] * 3, [[1.0, 0.0]])
+    signals = pairwise_signals(_signature("a", own), _signature("c", three))
+    assert math.isnan(signals["head_kl"])
+
+
+def _random_signature(name, seed, layers, drift_layers, arch="arch", classes=3):
     g = torch.Generator().manual_seed(seed)
     tensors = {
         "update_sketch": torch.randn(len(layers), K, K, generator=g),
@@ -168,6 +206,13 @@ def _random_signature(name, seed, layers, drift_layers, arch="arch"):
         "drift_norm": torch.rand(len(drift_layers), generator=g) + 0.1,
         "cka": torch.rand(len(drift_layers), generator=g),
     }
+    if classes:  # a task head reading 5-dimensional inputs on the 4 anchors
+        tensors.update(
+            head_input=torch.randn(4, 5, generator=g),
+            head_input_drift=torch.randn(4, 5, generator=g),
+            head_weight=torch.randn(classes, 5, generator=g),
+            head_bias=torch.randn(classes, generator=g),
+        )
     signature = _signature(name, tensors, layers, [2] * len(layers), drift_layers)
     signature.metadata["base_model"]["architecture_fingerprint"] = arch
     return signature
@@ -179,8 +224,9 @@ def test_signal_matrices_equal_the_pairwise_values():
     signatures = [
         _random_signature("a", 1, ("l0", "l1", "l2"), (1, 2)),
         _random_signature("b", 2, ("l0", "l1"), (1, 2)),
-        _random_signature("c", 3, ("l1", "l2", "l3"), (2, 3)),
+        _random_signature("c", 3, ("l1", "l2", "l3"), (2, 3), classes=2),
         _random_signature("d", 4, ("l0", "l1", "l2"), (1, 2), arch="other"),
+        _random_signature("e", 5, ("l0", "l1"), (1, 2), classes=0),  # no head
     ]
     matrices = pairwise_signal_matrices(signatures)
     assert set(matrices) == MATRIX_SIGNALS
@@ -190,6 +236,8 @@ def test_signal_matrices_equal_the_pairwise_values():
                 assert all(math.isnan(float(m[i, j])) for m in matrices.values())
                 continue
             expected = pairwise_signals(a, b)
+            heads = a.name != "e" and b.name != "e"
+            assert math.isfinite(expected["head_interference"]) == heads
             for name in MATRIX_SIGNALS:
                 assert float(matrices[name][i, j]) == pytest.approx(
                     expected[name], rel=1e-6, abs=1e-9, nan_ok=True

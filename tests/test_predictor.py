@@ -187,3 +187,27 @@ def test_set_retention_adds_the_damages():
     assert set_retention([0.95, 0.9]) == pytest.approx(0.85)
     assert set_retention([1.02]) == pytest.approx(1.02)
     assert set_retention([]) == 1.0
+
+
+def test_rows_missing_a_feature_go_to_the_fallback_model(tmp_path):
+    rows, _, groups = _rows()
+    for k, row in enumerate(rows):
+        row["head_kl"] = 0.01 * (1 + k % 7)
+    y = np.array([1 - 2.0 * r["head_kl"] - 0.01 * r["interference_ratio_last"] for r in rows])
+    predictor = RetentionPredictor(
+        features=("head_kl",), model="damage", fallback_features=("interference_ratio_last",)
+    ).fit(rows, y, groups=groups)
+    alone = RetentionPredictor(features=("interference_ratio_last",), model="damage").fit(
+        rows, y, groups=groups
+    )
+    with_head = {"head_kl": 0.05, "interference_ratio_last": 1.0}
+    without = {"interference_ratio_last": 1.0}  # e.g. a causal LM: no classification head
+    point = predictor.predict([with_head, without])
+    assert point[0] == pytest.approx(predictor.estimator_.predict([[0.05]])[0] * -1 + 1)
+    assert point[1] == pytest.approx(alone.predict([without])[0])
+    interval = predictor.predict_interval([with_head, without])
+    np.testing.assert_allclose(interval[0] - point[0], predictor.residual_quantiles_)
+    np.testing.assert_allclose(interval[1] - point[1], alone.residual_quantiles_)
+    path = save_predictors({"direct": predictor}, tmp_path / "p.skops")
+    loaded, _ = load_predictors(path)
+    np.testing.assert_array_equal(loaded["direct"].predict([with_head, without]), point)

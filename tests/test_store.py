@@ -4,6 +4,7 @@ input errors, and signatures of finished adapters on disk."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import re
 
@@ -502,3 +503,29 @@ def test_the_same_signature_gets_the_same_bytes_in_every_process():
     digests = {run.communicate(timeout=300)[0].strip() for run in runs}
     assert all(run.returncode == 0 for run in runs)
     assert len(digests) == 1, digests
+
+
+def test_signature_keeps_the_task_head_and_its_input_on_the_anchors():
+    anchors = _anchor_inputs()
+    model = _lora(_tiny_bert(0, num_labels=3))
+    with torch.no_grad():  # a trained head differs from the base model's copy
+        model.base_model.model.classifier.modules_to_save["default"].weight.mul_(2.0)
+    signature = signature_of_adapter(model, name="headed", anchor_inputs=anchors)
+    t = signature.probes[-1].tensors
+    model.eval()
+    with torch.no_grad():
+        logits = model(**anchors).logits
+        with model.disable_adapter():
+            base = model.base_model.model.bert(**anchors).pooler_output
+    # the recorded input through the recorded head gives the adapted model's own logits
+    rebuilt = t["head_input"] @ t["head_weight"].T + t["head_bias"]
+    torch.testing.assert_close(rebuilt, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t["head_input"] - t["head_input_drift"], base, rtol=1e-4, atol=1e-5)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    torch.testing.assert_close(t["head_weight"], head.weight.detach())
+    assert float(t["head_input_drift"].abs().max()) > 0  # random LoRA factors move it
+    # a partner's signals through this head are measured, not missing
+    other = signature_of_adapter(_lora(_tiny_bert(0)), name="other", anchor_inputs=anchors)
+    signals = pairwise_signals(signature, other)
+    assert 0.0 <= signals["head_flip"] <= 1.0 and signals["head_kl"] >= 0.0
+    assert math.isfinite(signals["head_interference"])

@@ -46,6 +46,7 @@ def _fit(args: argparse.Namespace) -> int:
         model=args.model,
         group_key=args.group_key or None,
         out=out,
+        fallback_features=tuple(args.fallback_features) if args.fallback_features else None,
     )
     print(f"fitted {len(predictors)} predictor(s) from {pairs} -> {out}")
     print()
@@ -245,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help=f"signals to use (default: {' '.join(DEFAULT_FEATURES)})",
+    )
+    fit.add_argument(
+        "--fallback-features",
+        nargs="+",
+        metavar="NAME",
+        help="signals of a second model for pairs that miss any of --features (e.g. head "
+        "signals, which models without a linear task head lack)",
     )
     fit.add_argument(
         "--group-key",

@@ -351,8 +351,14 @@ def _partner_probe(own_fraction: float | None, other) -> tuple[Any, str]:
 
 
 def _needed_signals(predictors: Iterable[Any]) -> set[str]:
-    """The signals the predictors read, and the drift cosine that decides pruning."""
-    return {"drift_cosine"}.union(*(getattr(p, "features", ()) for p in predictors))
+    """The signals the predictors read (their fallbacks' too), and the drift cosine that
+    decides pruning."""
+    return {"drift_cosine"}.union(
+        *(
+            (*getattr(p, "features", ()), *(getattr(p, "fallback_features", None) or ()))
+            for p in predictors
+        )
+    )
 
 
 def predict_pairs(
@@ -387,9 +393,9 @@ def predict_pairs(
         retention_self, retention_other, interval = {}, {}, {}
         for method, predictor in predictors.items():
             own, partner = (float(v) for v in predictor.predict([forward, backward]))
-            low, high = predictor.residual_quantiles_
+            low, high = (float(v) for v in predictor.predict_interval([forward])[0])
             retention_self[method], retention_other[method] = own, partner
-            interval[method] = (own + low, own + high)
+            interval[method] = (low, high)
         predictions.append(
             PairPrediction(
                 signature.name,
@@ -521,12 +527,16 @@ def build_plan(
     retention, low, high = {}, {}, {}
     for method in methods:
         predictor = predictors[method]
-        X = np.stack([matrices[f][rows, cols] for f in predictor.features], axis=1)
-        values = np.full((n, n), -np.inf)
+        values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
         if rows.size:
+            import pandas as pd
+
+            read = [*predictor.features, *(getattr(predictor, "fallback_features", None) or ())]
+            X = pd.DataFrame({f: matrices[f][rows, cols] for f in dict.fromkeys(read)})
             values[rows, cols] = predictor.predict(X)
-        lo, hi = predictor.residual_quantiles_
-        retention[method], low[method], high[method] = values, values + lo, values + hi
+            interval = predictor.predict_interval(X)  # per row: a fallback has its own
+            lo[rows, cols], hi[rows, cols] = interval[:, 0], interval[:, 1]
+        retention[method], low[method], high[method] = values, lo, hi
     redundancy = matrices["drift_cosine"]
     decisions = policy.plan_matrix(names, retention, redundancy)
 

@@ -40,8 +40,9 @@ __all__ = [
 METHODS = ("direct", "mean", "ties", "dare")
 # Chosen by leave-one-task-out measurement on the benchmark (benchmarks/predictor_eval.py,
 # results/predictor_eval.md): how much of the partner's drift lands inside the own drift
-# region, read as damage that vanishes with it, generalises to unseen tasks best; direction
-# cosines and per-run descriptors did not (design §3).
+# region, read as damage that vanishes with it, generalises to unseen tasks; direction cosines
+# and per-run descriptors did not (design §3). The head signals rank pairs better but gave
+# worse plans (results/plan_eval.md) and exist only for models with a linear task head.
 DEFAULT_FEATURES = ("interference_ratio", "interference_ratio_last")
 DEFAULT_MODEL = "damage"
 # Positive, scale-like features enter the model as logarithms: ratios are symmetric in log
@@ -56,11 +57,14 @@ _LOG_FEATURES = {
     "update_norm_other",
     "drift_norm_self",
     "drift_norm_other",
+    "head_kl",
+    "head_logit_shift",
+    "head_interference",
 }
 _MODELS = ("ridge", "boosting", "damage")
 # The damage model reads scale-like signals as they are (no logarithm): damage must vanish
 # when the partner moves nothing, which a zero signal means only on the raw scale.
-_DAMAGE_FEATURES = _LOG_FEATURES
+_DAMAGE_FEATURES = _LOG_FEATURES | {"head_flip"}
 _DEFAULT_PATH = Path(__file__).parent / "data" / "default_predictors.skops"
 # Fitted on final adapters: for plans over finished adapters (``mergeprobe add``), whose
 # update and drift magnitudes are far larger than at 5 % of a run.
@@ -130,6 +134,10 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         unlike those seen in training only as far as the folds are.
     random_state : int
         Seeds the boosting model and the fold assignment.
+    fallback_features : sequence of str, optional
+        A second model of the same kind on these signals predicts the rows that miss any of
+        ``features`` (e.g. head signals of a causal LM, which has no classification head, or
+        of signatures recorded before mergeprobe kept them), instead of imputing them.
     """
 
     def __init__(
@@ -138,11 +146,13 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         model: str = DEFAULT_MODEL,
         coverage: float = 0.8,
         random_state: int = 0,
+        fallback_features: Sequence[str] | None = None,
     ) -> None:
         self.features = features
         self.model = model
         self.coverage = coverage
         self.random_state = random_state
+        self.fallback_features = fallback_features
 
     def _validate_params(self) -> None:
         if isinstance(self.features, str) or not len(self.features):
@@ -153,8 +163,13 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
             raise InvalidParameterError(f"model must be one of {_MODELS}; got {self.model!r}")
         if not 0 < float(self.coverage) < 1:
             raise InvalidParameterError(f"coverage must lie in (0, 1); got {self.coverage!r}")
+        fallback = self.fallback_features
+        if fallback is not None and (isinstance(fallback, str) or not len(fallback)):
+            raise InvalidParameterError(
+                f"fallback_features must be None or a non-empty sequence of names; got {fallback!r}"
+            )
         if self.model == "damage":
-            signed = [f for f in self.features if f not in _DAMAGE_FEATURES]
+            signed = [f for f in (*self.features, *(fallback or ())) if f not in _DAMAGE_FEATURES]
             if signed:
                 raise InvalidParameterError(
                     f"the damage model takes non-negative scale signals "
@@ -251,6 +266,14 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         )
         self.n_features_in_ = len(self.features)
         self.n_train_ = int(matrix.shape[0])
+        self.fallback_ = None
+        if self.fallback_features is not None:
+            self.fallback_ = RetentionPredictor(
+                features=tuple(self.fallback_features),
+                model=self.model,
+                coverage=self.coverage,
+                random_state=self.random_state,
+            ).fit(X, y, groups=groups)
         return self
 
     def _matrix(self, X: Any) -> np.ndarray:
@@ -265,16 +288,29 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         if not hasattr(self, "estimator_"):
             raise MergeprobeError("this RetentionPredictor is not fitted yet; call fit first")
 
+    def _fallback_rows(self, X: Any) -> np.ndarray:
+        """Rows the fallback model predicts: those missing any of ``features``."""
+        if getattr(self, "fallback_", None) is None:
+            return np.zeros(len(self._matrix(X)), dtype=bool)
+        return ~np.isfinite(self._matrix(X)).all(axis=1)
+
     def predict(self, X: Any) -> np.ndarray:
         """Predicted retention for each row of ``X``."""
         self._check_fitted()
         matrix = self._matrix(X)[:, self.active_features_]
-        return self._untarget(self.estimator_.predict(matrix))
+        point = self._untarget(self.estimator_.predict(matrix))
+        fallback = self._fallback_rows(X)
+        if fallback.any():
+            point[fallback] = self.fallback_.predict(X)[fallback]
+        return point
 
     def predict_interval(self, X: Any) -> np.ndarray:
         """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
         point = self.predict(X)
-        low, high = self.residual_quantiles_
+        low, high = (np.full(point.shape, q) for q in self.residual_quantiles_)
+        fallback = self._fallback_rows(X)
+        if fallback.any():
+            low[fallback], high[fallback] = self.fallback_.residual_quantiles_
         return np.stack([point + low, point + high], axis=1)
 
 
@@ -372,6 +408,7 @@ def fit(
     model: str = DEFAULT_MODEL,
     group_key: str | None = "group",
     out: str | os.PathLike | None = None,
+    fallback_features: Sequence[str] | None = None,
 ) -> dict[str, RetentionPredictor]:
     """Refit predictors from measured outcomes.
 
@@ -379,6 +416,7 @@ def fit(
     pairwise signals (names as in ``features``) and one or more measured retentions
     ``retention_direct``, ``retention_mean``, ``retention_ties``, ``retention_dare``; an
     optional ``group`` (e.g. the task) keeps related pairs in the same interval fold.
+    ``fallback_features`` fit a second model for pairs that miss any of ``features``.
     A predictor is fitted for each method with at least 10 measured pairs; with ``out``
     they are saved (skops) for ``load_predictors``.
     """
@@ -402,9 +440,9 @@ def fit(
         groups = [r.get(group_key) for r in usable] if group_key else None
         if groups is not None and any(g is None for g in groups):
             groups = None
-        predictors[method] = RetentionPredictor(features=features, model=model).fit(
-            usable, [float(r[key]) for r in usable], groups=groups
-        )
+        predictors[method] = RetentionPredictor(
+            features=features, model=model, fallback_features=fallback_features
+        ).fit(usable, [float(r[key]) for r in usable], groups=groups)
     if not predictors:
         raise InvalidParameterError(
             "no merge method has 10 or more measured pairs (keys retention_direct, "

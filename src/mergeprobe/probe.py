@@ -26,6 +26,7 @@ from .adapters import (
     base_model_name,
     base_weights_fingerprint,
     find_lora_layers,
+    full_tensor,
     gathered,
     unwrap_model,
 )
@@ -56,6 +57,22 @@ def _logits_to_keep(model: nn.Module) -> dict[str, int]:
     except (TypeError, ValueError):
         accepts = False
     return {"logits_to_keep": 1} if accepts else {}
+
+
+def _task_head(model: nn.Module, adapter_name: str) -> tuple[nn.Module, nn.Linear] | None:
+    """(the module in the forward pass, the adapter's trained copy) of the one linear task
+    head that PEFT trains beside the LoRA factors (``modules_to_save``: a classifier or score
+    layer); ``None`` when there is none or several (the head signals are then missing)."""
+    found = []
+    for module in model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        if (
+            isinstance(copies, nn.ModuleDict)
+            and adapter_name in copies
+            and isinstance(copies[adapter_name], nn.Linear)
+        ):
+            found.append((module, copies[adapter_name]))
+    return found[0] if len(found) == 1 else None
 
 
 def _drift_indices(num_hidden: int, max_layers: int) -> list[int]:
@@ -122,6 +139,7 @@ class SignalRecorder:
         self.anchor_info = anchor_info
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.base_pooled: dict[int, torch.Tensor] = {}
+        self.base_head_input: torch.Tensor | None = None
         self.drift_layers: list[int] = []
         # Causal LMs: ask for one position's logits, not (batch, seq, vocab) of them.
         self._forward_kwargs = _logits_to_keep(self.model)
@@ -161,11 +179,21 @@ class SignalRecorder:
                 ref.module.enable_adapters(True)
 
     @torch.no_grad()
-    def _pooled_hidden_states(self) -> list[torch.Tensor]:
-        """Mean-pooled hidden states of the anchor set: one (n, d) tensor per hidden layer."""
+    def _pooled_hidden_states(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Mean-pooled hidden states of the anchor set, one (n, d) tensor per hidden layer,
+        and the (n, d) input of the task head when it reads one vector per input (the pooled
+        output of an encoder classifier; ``None`` otherwise)."""
         device = next(p.device for p in self.model.parameters())
         n = int(self.anchor_inputs["input_ids"].shape[0])
         was_training = self.model.training
+        head = _task_head(self.model, self.adapter_name)
+        head_chunks: list[torch.Tensor] = []
+
+        def keep_head_input(module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 2:
+                head_chunks.append(args[0].detach().float().cpu())
+
+        hook = head[0].register_forward_pre_hook(keep_head_input) if head else None
         self.model.eval()  # LoRA dropout off: drift must be deterministic
         try:
             chunks: list[list[torch.Tensor]] = []
@@ -185,14 +213,18 @@ class SignalRecorder:
                 chunks.append([pool_hidden(h, mask).cpu() for h in hidden])
         finally:
             self.model.train(was_training)
-        return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            if hook is not None:
+                hook.remove()
+        pooled = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        head_input = torch.cat(head_chunks) if len(head_chunks) == len(chunks) else None
+        return pooled, head_input
 
     def capture_base(self) -> None:
         """Pooled hidden states of the base model on the anchor set (adapter disabled)."""
         if self.anchor_inputs is None:
             return
         with self._adapter_disabled():
-            pooled = self._pooled_hidden_states()
+            pooled, self.base_head_input = self._pooled_hidden_states()
         self.drift_layers = _drift_indices(len(pooled), self.max_drift_layers)
         self.base_pooled = {i: pooled[i] for i in self.drift_layers}
 
@@ -227,7 +259,7 @@ class SignalRecorder:
     def measure_drift(self) -> dict[str, torch.Tensor]:
         if self.anchor_inputs is None or not self.base_pooled:
             return {}
-        pooled = self._pooled_hidden_states()
+        pooled, head_input = self._pooled_hidden_states()
         sketches, norms, ckas = [], [], []
         for i in self.drift_layers:
             base, adapted = self.base_pooled[i], pooled[i]
@@ -235,11 +267,31 @@ class SignalRecorder:
             sketches.append(sketch_drift(delta, i, self.drift_sketch_size))
             norms.append(torch.linalg.norm(delta))
             ckas.append(torch.tensor(linear_cka(base, adapted), dtype=torch.float32))
-        return {
+        out = {
             "drift_sketch": torch.stack(sketches),
             "drift_norm": torch.stack(norms),
             "cka": torch.stack(ckas),
         }
+        head = _task_head(self.model, self.adapter_name)
+        base = self.base_head_input
+        if head is not None and head_input is not None and base is not None:
+            # Kept whole (anchors × hidden, a few hundred KB): a partner's drift is read
+            # through this run's head, which a sketch would blur.
+            linear = head[1]
+            with gathered([linear.weight, linear.bias]):
+                weight = full_tensor(linear.weight.detach()).float().cpu().clone()
+                bias = (
+                    full_tensor(linear.bias.detach()).float().cpu().clone()
+                    if linear.bias is not None
+                    else torch.zeros(weight.shape[0])
+                )
+            out.update(
+                head_input=head_input,
+                head_input_drift=head_input - base,
+                head_weight=weight,
+                head_bias=bias,
+            )
+        return out
 
     def measure(
         self,

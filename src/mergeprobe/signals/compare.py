@@ -110,6 +110,37 @@ def _interference(d_self: torch.Tensor, d_other: torch.Tensor, energy: float = 0
     return math.sqrt(num / den) if den > 0 else NAN
 
 
+HEAD_KEYS = ("head_input", "head_input_drift", "head_weight", "head_bias")
+HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
+
+
+def _head_signals(own: dict[str, torch.Tensor], partner: dict[str, torch.Tensor]) -> dict:
+    """The partner's drift at the head input, read through ``own``'s task head on the anchors.
+
+    ``head_flip``: fraction of anchors whose predicted class changes; ``head_kl``: mean KL
+    divergence of own's class distribution after adding the partner's drift from before;
+    ``head_logit_shift``: ‖partner drift · Wᵀ‖ / ‖own drift · Wᵀ‖ with W centred over classes
+    (softmax sees only differences of logits). NaN when the shapes differ.
+    """
+    x, drift = own["head_input"].double(), own["head_input_drift"].double()
+    other = partner["head_input_drift"].double()
+    w, b = own["head_weight"].double(), own["head_bias"].double()
+    if other.shape != x.shape or w.shape[1] != x.shape[1]:
+        return dict.fromkeys(HEAD_SIGNALS, NAN)
+    alone = x @ w.T + b
+    merged = alone + other @ w.T
+    log_p, log_q = torch.log_softmax(alone, dim=1), torch.log_softmax(merged, dim=1)
+    centred = w - w.mean(0, keepdim=True)
+    own_shift = float(torch.linalg.norm(drift @ centred.T))
+    return {
+        "head_flip": float((alone.argmax(1) != merged.argmax(1)).double().mean()),
+        "head_kl": float((log_p.exp() * (log_p - log_q)).sum(1).mean()),
+        "head_logit_shift": float(torch.linalg.norm(other @ centred.T)) / own_shift
+        if own_shift > 0
+        else NAN,
+    }
+
+
 # Signals that cost a decomposition or a top-k per layer; the rest are dot products and norms.
 EXPENSIVE = frozenset(
     {
@@ -117,6 +148,7 @@ EXPENSIVE = frozenset(
         "update_subspace_excess",
         "interference_ratio",
         "interference_ratio_last",
+        "head_interference",
     }
 )
 
@@ -217,7 +249,7 @@ def pairwise_signals(
         )
         if wanted("interference_ratio"):
             out["interference_ratio"] = _interference(da, db)
-        if wanted("interference_ratio_last"):
+        if wanted("interference_ratio_last") or wanted("head_interference"):
             # The last hidden layer is what a task head reads.
             out["interference_ratio_last"] = _interference(da[-1:], db[-1:])
     else:
@@ -231,6 +263,17 @@ def pairwise_signals(
             cka_self=NAN,
             cka_other=NAN,
         )
+
+    if all(k in ta for k in HEAD_KEYS) and all(k in tb for k in HEAD_KEYS):
+        out.update(_head_signals(ta, tb))
+    else:
+        out.update(dict.fromkeys(HEAD_SIGNALS, NAN))
+    if wanted("head_interference"):
+        # Geometric mean of how much of the partner's drift lands in own's drift region (last
+        # hidden layer) and how much it moves own's predictions: both must be large to hurt.
+        ratio, kl = out.get("interference_ratio_last", NAN), out["head_kl"]
+        ok = ratio >= 0 and kl > -1e-12  # a KL of -1e-17 is rounding, not a signal
+        out["head_interference"] = math.sqrt(ratio * max(kl, 0.0)) if ok else NAN
     return out
 
 
@@ -250,8 +293,48 @@ MATRIX_SIGNALS = frozenset(
         "interference_ratio_last",
         "cka_self",
         "cka_other",
+        "head_flip",
+        "head_kl",
+        "head_logit_shift",
+        "head_interference",
     }
 )
+
+
+def _head_matrices(probes: list[Probe]) -> dict[str, torch.Tensor]:
+    """``_head_signals`` of every ordered pair: per own head, all partners' drifts at once."""
+    n = len(probes)
+    out = {k: torch.full((n, n), NAN, dtype=torch.float64) for k in HEAD_SIGNALS}
+    have = [all(k in p.tensors for k in HEAD_KEYS) for p in probes]
+    shapes = {
+        tuple(p.tensors["head_input_drift"].shape) for p, h in zip(probes, have, strict=True) if h
+    }
+    for shape in sorted(shapes):
+        members = [
+            k
+            for k, (p, h) in enumerate(zip(probes, have, strict=True))
+            if h and tuple(p.tensors["head_input_drift"].shape) == shape
+        ]
+        columns = torch.tensor(members, dtype=torch.long)
+        drifts = torch.stack([probes[k].tensors["head_input_drift"].double() for k in members])
+        for row, i in enumerate(members):
+            t = probes[i].tensors
+            w, b = t["head_weight"].double(), t["head_bias"].double()
+            if t["head_input"].shape != shape or w.shape[1] != shape[1]:
+                continue
+            alone = t["head_input"].double() @ w.T + b  # (anchors, classes)
+            merged = alone[None] + drifts @ w.T  # (partners, anchors, classes)
+            log_p = torch.log_softmax(alone, dim=1)[None]
+            log_q = torch.log_softmax(merged, dim=2)
+            out["head_kl"][i, columns] = (log_p.exp() * (log_p - log_q)).sum(2).mean(1)
+            out["head_flip"][i, columns] = (
+                (alone.argmax(1)[None] != merged.argmax(2)).double().mean(1)
+            )
+            centred = w - w.mean(0, keepdim=True)
+            shifts = (drifts @ centred.T).flatten(1).norm(dim=1)
+            if float(shifts[row]) > 0:
+                out["head_logit_shift"][i, columns] = shifts / shifts[row]
+    return out
 
 
 def compatibility_matrix(signatures: list[Signature]) -> torch.Tensor:
@@ -379,6 +462,8 @@ def pairwise_signal_matrices(
     out["cka_self"] = torch.where(dshared > 0, cka_sum / dshared.clamp_min(1), nan)
     out["cka_other"] = out["cka_self"].T.clone()
     interference = {"interference_ratio", "interference_ratio_last"} & set(names)
+    if "head_interference" in names:
+        interference.add("interference_ratio_last")
     if shapes and (interference or "drift_cosine" in names):
         # One hidden layer (and sketch shape: other shapes are other anchor sets, never
         # compared) at a time: memory stays O(n · anchors · sketch).
@@ -425,10 +510,17 @@ def pairwise_signal_matrices(
             out["drift_cosine"] = _safe_div(dots, (self_energy * self_energy.T).sqrt())
         if "interference_ratio" in names:
             out["interference_ratio"] = _safe_div(num, self_energy).sqrt()
-        if "interference_ratio_last" in names:
+        if "interference_ratio_last" in interference:
             out["interference_ratio_last"] = _safe_div(last_num, last_self).sqrt()
     for name in ("drift_cosine", "interference_ratio", "interference_ratio_last"):
         out.setdefault(name, nan.clone())
+
+    if {*HEAD_SIGNALS, "head_interference"} & set(names):
+        out.update(_head_matrices(probes))
+        if "head_interference" in names:
+            ratio, kl = out["interference_ratio_last"], out["head_kl"]
+            ok = (ratio >= 0) & (kl > -1e-12)
+            out["head_interference"] = torch.where(ok, (ratio * kl.clamp_min(0)).sqrt(), nan)
 
     # incompatible pairs and the diagonal are not comparisons
     invalid = ~compatibility_matrix(signatures) | torch.eye(n, dtype=torch.bool)
