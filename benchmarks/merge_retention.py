@@ -708,6 +708,40 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     (out / "summary.md").write_text(summary_markdown(results))
 
 
+def read_results(out: Path) -> dict[str, Any]:
+    """The results dict ``write_results`` wrote to ``out`` (numbers back from their CSV text)."""
+
+    def value(text: str) -> Any:
+        if text in ("True", "False"):
+            return text == "True"
+        if text == "":
+            return math.nan
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    def rows(name: str) -> list[dict]:
+        path = out / name
+        if not path.is_file() or not path.read_text().strip():
+            return []
+        with path.open(newline="") as f:
+            return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    meta = json.loads((out / "run.json").read_text())
+    return {
+        **meta,
+        "pairs": rows("pairs.csv"),
+        "triples": rows("triples.csv"),
+        "controls": rows("controls.csv"),
+        "adapters": rows("adapters.csv"),
+    }
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
     config = results["config"]
     pairs, adapters = results["pairs"], results["adapters"]
@@ -755,6 +789,24 @@ def summary_markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {method} " + _describe([p[f"retention_{kind}_{method}"] for p in cross])
             )
+    if len(config["seeds"]) > 1:
+        # Adapters trained with one seed (one team, one default seed) against adapters whose
+        # seeds differ. With the same seed, tasks with as many labels even start from the same
+        # LoRA A (the same draws after the same head initialisation).
+        lines += [
+            "",
+            "## Direct-merge ratio retention by the partners' seeds (different tasks)",
+            "",
+            "| pairs | mean | min | median | below 0.9 | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, same_seed in (("same seed", True), ("different seeds", False)):
+            values = [
+                p["retention_ratio_direct"]
+                for p in cross
+                if (p["self_seed"] == p["other_seed"]) == same_seed
+            ]
+            lines.append(f"| {label} " + _describe(values))
     lines += [
         "",
         "## Controls",
@@ -822,6 +874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "~/.cache/mergeprobe/benchmark, outside the work tree so a fresh checkout can resume)",
     )
     parser.add_argument("--out", help="results folder (default: benchmarks/results[/quick])")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="rewrite summary.md from the results already in --out (nothing is measured)",
+    )
     args = parser.parse_args(argv)
 
     data = Path(args.data)
@@ -851,6 +908,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         triples=args.triples,
     )
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
+    if args.summary_only:
+        if not (out / "run.json").is_file():
+            parser.error(f"{out}/run.json not found: run the benchmark first")
+        (out / "summary.md").write_text(summary_markdown(read_results(out)))
+        print((out / "summary.md").read_text())
+        return 0
     results = run_benchmark(config, Path(args.cache), out)
     results["command"] = "python benchmarks/merge_retention.py " + " ".join(
         argv if argv is not None else sys.argv[1:]

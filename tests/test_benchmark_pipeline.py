@@ -94,6 +94,27 @@ def test_pipeline_writes_tables_with_measured_retention_and_signals(tiny_setup):
     assert "## Ratio retention" in (out / "summary.md").read_text()
 
 
+def test_summary_only_rewrites_the_summary_from_the_csvs(tiny_setup):
+    cfg, root, results = tiny_setup
+    out = root / "out"
+    written = (out / "summary.md").read_text()
+    (out / "summary.md").unlink()
+    assert bench.main(["--summary-only", "--out", str(out)]) == 0
+    assert (out / "summary.md").read_text() == written
+    # with two seeds the summary splits the direct merge by the partners' seeds
+    again = bench.read_results(out)
+    assert again["pairs"][0]["same_task"] is False and isinstance(
+        again["pairs"][0]["self_seed"], int
+    )
+    again["config"]["seeds"] = [0, 1]
+    for k, pair in enumerate(again["pairs"]):
+        pair["other_seed"] = k % 2
+    text = bench.summary_markdown(again)
+    same = [p["retention_ratio_direct"] for p in again["pairs"] if p["other_seed"] == 0]
+    assert f"| same seed | {sum(same) / len(same):.3f} |" in text
+    assert "| different seeds |" in text
+
+
 def test_rerun_uses_the_cache(tiny_setup, monkeypatch):
     cfg, root, results = tiny_setup
 
