@@ -96,13 +96,15 @@ def test_damage_model_recovers_damage_proportional_to_interference():
 
 def test_damage_model_never_lets_a_signal_raise_retention():
     rows, _, groups = _rows()
-    # Retention that *rises* with the drift ratio: the damage model may not follow it.
+    # Retention that *rises* with the drift ratio: the damage model may not follow it, so the
+    # drift ratio gets no weight and no prediction exceeds 1.
     y = np.array(
         [1 - 0.04 * r["interference_ratio_last"] + 0.02 * r["drift_norm_ratio"] for r in rows]
     )
     features = ("interference_ratio_last", "drift_norm_ratio")
     predictor = RetentionPredictor(features=features, model="damage").fit(rows, y, groups=groups)
-    assert (predictor.estimator_[-1].coef_ >= 0).all()
+    assert predictor.estimator_[-1].coef_[1] == pytest.approx(0.0, abs=1e-12)
+    assert (predictor.predict(rows) <= 1.0).all()
 
 
 def test_damage_model_refuses_signed_signals():
@@ -211,3 +213,44 @@ def test_rows_missing_a_feature_go_to_the_fallback_model(tmp_path):
     path = save_predictors({"direct": predictor}, tmp_path / "p.skops")
     loaded, _ = load_predictors(path)
     np.testing.assert_array_equal(loaded["direct"].predict([with_head, without]), point)
+
+
+def test_the_main_model_learns_only_from_rows_that_have_its_features():
+    rows, _, groups = _rows()
+    rng = np.random.default_rng(1)
+    y = []
+    for k, row in enumerate(rows):
+        if k % 2:  # half the pairs lack the head signal and are noisy
+            y.append(0.9 + rng.normal(0, 0.1))
+        else:
+            row["head_kl"] = 0.01 * (1 + k % 7)
+            y.append(1 - 2.0 * row["head_kl"])
+    predictor = RetentionPredictor(
+        features=("head_kl",), model="damage", fallback_features=("interference_ratio_last",)
+    ).fit(rows, np.array(y), groups=groups)
+    assert predictor.estimator_[-1].coef_[0] == pytest.approx(2.0, abs=1e-9)
+    assert max(abs(q) for q in predictor.residual_quantiles_) < 1e-9
+    assert predictor.fallback_.n_train_ == len(rows)  # the fallback learns from every row
+
+
+def test_a_zero_signal_is_a_value_not_a_missing_one():
+    rows, _, groups = _rows()
+    for k, row in enumerate(rows):
+        row["head_kl"] = 0.01 * (k % 5)  # zeros included; the ridge reads log(0) as NaN
+    y = np.array([1 - 0.5 * r["head_kl"] for r in rows])
+    predictor = RetentionPredictor(
+        features=("head_kl",), model="ridge", fallback_features=("interference_ratio_last",)
+    ).fit(rows, y, groups=groups)
+    assert not predictor._fallback_rows([{"head_kl": 0.0, "interference_ratio_last": 1.0}])[0]
+    assert predictor._fallback_rows([{"interference_ratio_last": 1.0}])[0]
+
+
+def test_a_predictor_saved_before_fallbacks_existed_still_works(tmp_path):
+    rows, y, groups = _rows()
+    predictor = RetentionPredictor(features=FEATURES, model="ridge").fit(rows, y, groups=groups)
+    del predictor.__dict__["fallback_features"]  # as unpickled from an older file
+    del predictor.__dict__["fallback_"]
+    assert predictor.get_params()["fallback_features"] is None
+    assert "RetentionPredictor" in repr(predictor)
+    np.testing.assert_allclose(predictor.predict(rows[:3]), y[:3], atol=0.01)
+    assert predictor.predict_interval(rows[:3]).shape == (3, 2)

@@ -529,3 +529,43 @@ def test_signature_keeps_the_task_head_and_its_input_on_the_anchors():
     signals = pairwise_signals(signature, other)
     assert 0.0 <= signals["head_flip"] <= 1.0 and signals["head_kl"] >= 0.0
     assert math.isfinite(signals["head_interference"])
+
+
+def test_a_head_that_reads_every_position_records_no_head_signals():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    model = get_peft_model(
+        LlamaForSequenceClassification(config),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"),
+    )
+    signature = signature_of_adapter(model, name="llama", anchor_inputs=_anchor_inputs())
+    tensors = signature.probes[-1].tensors
+    assert "drift_norm" in tensors  # drift is measured
+    assert not any(k.startswith("head_") for k in tensors)  # its score layer reads (b, s, d)
+
+
+def test_a_head_that_cannot_be_read_leaves_drift_measured(monkeypatch, caplog):
+    from mergeprobe.probe import SignalRecorder
+
+    def broken(self, head_input):
+        raise RuntimeError("no head for you")
+
+    monkeypatch.setattr(SignalRecorder, "_head_state", broken)
+    with caplog.at_level("WARNING", logger="mergeprobe.probe"):
+        signature = signature_of_adapter(
+            _lora(_tiny_bert(0)), name="headless", anchor_inputs=_anchor_inputs()
+        )
+    tensors = signature.probes[-1].tensors
+    assert "drift_sketch" in tensors and "head_input" not in tensors
+    assert "task head could not be read" in caplog.text

@@ -140,6 +140,9 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         of signatures recorded before mergeprobe kept them), instead of imputing them.
     """
 
+    # Predictor files saved before this parameter existed load without it.
+    fallback_features = None
+
     def __init__(
         self,
         features: Sequence[str] = DEFAULT_FEATURES,
@@ -173,7 +176,8 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
             if signed:
                 raise InvalidParameterError(
                     f"the damage model takes non-negative scale signals "
-                    f"({', '.join(sorted(_DAMAGE_FEATURES))}); got {signed}"
+                    f"({', '.join(sorted(_DAMAGE_FEATURES))}); got {signed} "
+                    "(pass model='ridge' or 'boosting' for signed ones such as cosines)"
                 )
 
     def _make_estimator(self):
@@ -238,6 +242,18 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
             raise InvalidParameterError(
                 f"need at least 10 measured pairs to fit; got {matrix.shape[0]}"
             )
+        if self.fallback_features is not None:
+            # Rows missing a feature are the fallback's to predict, and to learn from: the
+            # main model and its interval see only the rows it will be asked about.
+            complete = ~self._missing(X)
+            if complete.sum() < 10:
+                raise InvalidParameterError(
+                    f"need at least 10 measured pairs with every one of {tuple(self.features)} "
+                    f"to fit beside a fallback; got {int(complete.sum())}"
+                )
+            full_target, full_groups = target, groups
+            matrix, target = matrix[complete], target[complete]
+            groups = np.asarray(groups)[complete] if groups is not None else None
         # A signal no training pair has cannot be learned from; predict without it.
         self.active_features_ = np.flatnonzero(np.isfinite(matrix).any(axis=0))
         if self.active_features_.size == 0:
@@ -273,7 +289,7 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
                 model=self.model,
                 coverage=self.coverage,
                 random_state=self.random_state,
-            ).fit(X, y, groups=groups)
+            ).fit(X, full_target, groups=full_groups)
         return self
 
     def _matrix(self, X: Any) -> np.ndarray:
@@ -288,11 +304,16 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         if not hasattr(self, "estimator_"):
             raise MergeprobeError("this RetentionPredictor is not fitted yet; call fit first")
 
+    def _missing(self, X: Any) -> np.ndarray:
+        """Rows missing any of ``features`` (on the raw scale: a zero is a value, even where
+        the logarithm makes it NaN)."""
+        return ~np.isfinite(_feature_matrix(X, self.features, log=False)).all(axis=1)
+
     def _fallback_rows(self, X: Any) -> np.ndarray:
         """Rows the fallback model predicts: those missing any of ``features``."""
         if getattr(self, "fallback_", None) is None:
             return np.zeros(len(self._matrix(X)), dtype=bool)
-        return ~np.isfinite(self._matrix(X)).all(axis=1)
+        return self._missing(X)
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted retention for each row of ``X``."""

@@ -193,9 +193,10 @@ class SignalRecorder:
             if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 2:
                 head_chunks.append(args[0].detach().float().cpu())
 
-        hook = head[0].register_forward_pre_hook(keep_head_input) if head else None
-        self.model.eval()  # LoRA dropout off: drift must be deterministic
+        hook = None
         try:
+            hook = head[0].register_forward_pre_hook(keep_head_input) if head else None
+            self.model.eval()  # LoRA dropout off: drift must be deterministic
             chunks: list[list[torch.Tensor]] = []
             for start in range(0, n, self.anchor_batch_size):
                 batch = {
@@ -272,26 +273,37 @@ class SignalRecorder:
             "drift_norm": torch.stack(norms),
             "cka": torch.stack(ckas),
         }
+        try:  # a head that cannot be read leaves the drift signals measured
+            out.update(self._head_state(head_input))
+        except Exception as exc:
+            if self.strict:
+                raise
+            logger.warning("mergeprobe: the task head could not be read (%r); drift is kept", exc)
+        return out
+
+    def _head_state(self, head_input: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The trained task head and its input on the anchors, adapted and minus the base's.
+
+        Kept whole (anchors × hidden, about 100 KB): a partner's drift is read through this
+        run's head, which a sketch would blur."""
         head = _task_head(self.model, self.adapter_name)
         base = self.base_head_input
-        if head is not None and head_input is not None and base is not None:
-            # Kept whole (anchors × hidden, a few hundred KB): a partner's drift is read
-            # through this run's head, which a sketch would blur.
-            linear = head[1]
-            with gathered([linear.weight, linear.bias]):
-                weight = full_tensor(linear.weight.detach()).float().cpu().clone()
-                bias = (
-                    full_tensor(linear.bias.detach()).float().cpu().clone()
-                    if linear.bias is not None
-                    else torch.zeros(weight.shape[0])
-                )
-            out.update(
-                head_input=head_input,
-                head_input_drift=head_input - base,
-                head_weight=weight,
-                head_bias=bias,
+        if head is None or head_input is None or base is None:
+            return {}
+        linear = head[1]
+        with gathered([linear.weight, linear.bias]):
+            weight = full_tensor(linear.weight.detach()).float().cpu().clone()
+            bias = (
+                full_tensor(linear.bias.detach()).float().cpu().clone()
+                if linear.bias is not None
+                else torch.zeros(weight.shape[0])
             )
-        return out
+        return {
+            "head_input": head_input,
+            "head_input_drift": head_input - base,
+            "head_weight": weight,
+            "head_bias": bias,
+        }
 
     def measure(
         self,

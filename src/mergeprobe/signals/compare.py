@@ -117,8 +117,9 @@ HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
 def _head_signals(own: dict[str, torch.Tensor], partner: dict[str, torch.Tensor]) -> dict:
     """The partner's drift at the head input, read through ``own``'s task head on the anchors.
 
-    ``head_flip``: fraction of anchors whose predicted class changes; ``head_kl``: mean KL
-    divergence of own's class distribution after adding the partner's drift from before;
+    ``head_flip``: fraction of anchors whose predicted class changes; ``head_kl``: mean
+    ``KL(p_alone ‖ p_merged)`` of own's class distributions before and after adding the
+    partner's drift;
     ``head_logit_shift``: ‖partner drift · Wᵀ‖ / ‖own drift · Wᵀ‖ with W centred over classes
     (softmax sees only differences of logits). NaN when the shapes differ.
     """
