@@ -881,6 +881,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.summary_only:  # needs neither the data nor the model
+        out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
+        if not (out / "run.json").is_file():
+            parser.error(f"{out}/run.json not found: run the benchmark first")
+        (out / "summary.md").write_text(summary_markdown(read_results(out)))
+        print((out / "summary.md").read_text())
+        return 0
     data = Path(args.data)
     if not data.is_dir():
         parser.error(f"data folder {data} not found: the benchmark needs the shared task data")
@@ -908,12 +915,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         triples=args.triples,
     )
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
-    if args.summary_only:
-        if not (out / "run.json").is_file():
-            parser.error(f"{out}/run.json not found: run the benchmark first")
-        (out / "summary.md").write_text(summary_markdown(read_results(out)))
-        print((out / "summary.md").read_text())
-        return 0
     results = run_benchmark(config, Path(args.cache), out)
     results["command"] = "python benchmarks/merge_retention.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
