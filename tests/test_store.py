@@ -532,21 +532,13 @@ def test_signature_keeps_the_task_head_and_its_input_on_the_anchors():
 
 
 def test_a_head_that_reads_every_position_records_no_head_signals():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
+
+    from .tiny_lm import tiny_llama_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=2,
-        pad_token_id=0,
-    )
     model = get_peft_model(
-        LlamaForSequenceClassification(config),
+        LlamaForSequenceClassification(tiny_llama_config(100, num_labels=2)),
         LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"),
     )
     signature = signature_of_adapter(model, name="llama", anchor_inputs=_anchor_inputs())

@@ -44,23 +44,28 @@ def random_texts(n=32, seed=0, words=WORDS, length=8):
     return [" ".join(words[int(i)] for i in row) for row in picks]
 
 
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        **overrides,
+    )
+
+
 def tiny_llama_lm(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=1,
-        )
-    )
+    return LlamaForCausalLM(tiny_llama_config(vocab_size))
 
 
 class Rows(torch.utils.data.Dataset):
