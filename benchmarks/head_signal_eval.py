@@ -56,14 +56,11 @@ from benchmarks.merge_retention import (  # noqa: E402
 )
 from benchmarks.plan_eval import write_report  # noqa: E402
 from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E402
-from mergeprobe.signals.compare import _head_signals  # noqa: E402
+from mergeprobe.signals.compare import HEAD_SIGNALS, _head_signals  # noqa: E402
 
 # The default predictor's features when these signals were measured; kept fixed so the gain
 # is measured against the same baseline whatever ships now.
 PARTNER_MAGNITUDES = ("interference_ratio", "update_norm_other", "drift_norm_other")
-HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
-# What the predictor reads: the scale-like ones as logarithms (they span several decades).
-HEAD_FEATURES = ("head_flip", "log_head_kl", "log_head_logit_shift")
 
 
 def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -272,10 +269,6 @@ def main(argv=None) -> int:
         head = pd.DataFrame(rows)
         for name in HEAD_SIGNALS:
             frame[f"{column_prefix}_{name}"] = head[name].to_numpy()
-        for name in ("head_kl", "head_logit_shift"):
-            values = head[name].to_numpy()
-            with np.errstate(divide="ignore", invalid="ignore"):
-                frame[f"{column_prefix}_log_{name}"] = np.where(values > 0, np.log(values), np.nan)
         frame = frame.copy()  # one block again after the added columns
         lines += [f"## {label}", ""]
         if at is not None:
@@ -306,8 +299,9 @@ def main(argv=None) -> int:
         ]
         sets = {
             "partner magnitudes (earlier default)": list(PARTNER_MAGNITUDES),
-            "head signals": list(HEAD_FEATURES),
-            "partner magnitudes + head signals": [*PARTNER_MAGNITUDES, *HEAD_FEATURES],
+            # the predictor reads head_kl and head_logit_shift as logarithms itself
+            "head signals": list(HEAD_SIGNALS),
+            "partner magnitudes + head signals": [*PARTNER_MAGNITUDES, *HEAD_SIGNALS],
         }
         predictions = {}
         for set_name, names in sets.items():
@@ -327,7 +321,7 @@ def main(argv=None) -> int:
             payload[f"{column_prefix} / gain / {model_name}"] = [gain, low, high]
             lines.append(f"- {model_name}: {gain:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append("")
-    columns = [c for c in frame.columns if "_head_" in c and "_log_" not in c]
+    columns = [c for c in frame.columns if "_head_" in c]
     frame[["self", "other", *columns]].to_csv(results / "head_signals.csv", index=False)
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")

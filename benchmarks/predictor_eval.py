@@ -37,6 +37,7 @@ from mergeprobe.predictor import (  # noqa: E402
     save_predictors,
     set_retention,
 )
+from mergeprobe.signals.compare import HEAD_SIGNALS  # noqa: E402
 
 FIRST_DEFAULT = (
     "interference_ratio_last",
@@ -87,7 +88,6 @@ def signal_name(column: str) -> str:
     return rest if head in PREFIXES else column
 
 
-HEAD_SIGNALS = ("head_flip", "head_kl", "head_logit_shift")
 # The model for pairs without head signals (causal LMs, signatures recorded before the callback
 # kept the head): the best set without them.
 FALLBACK_SET = "partner interference"

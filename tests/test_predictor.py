@@ -195,7 +195,7 @@ def test_rows_missing_a_feature_go_to_the_fallback_model(tmp_path):
     rows, _, groups = _rows()
     for k, row in enumerate(rows):
         row["head_kl"] = 0.01 * (1 + k % 7)
-    y = np.array([1 - 2.0 * r["head_kl"] - 0.01 * r["interference_ratio_last"] for r in rows])
+    y = np.array([1 - 2.0 * r["head_kl"] for r in rows])  # damage from the head signal only
     predictor = RetentionPredictor(
         features=("head_kl",), model="damage", fallback_features=("interference_ratio_last",)
     ).fit(rows, y, groups=groups)
@@ -205,10 +205,10 @@ def test_rows_missing_a_feature_go_to_the_fallback_model(tmp_path):
     with_head = {"head_kl": 0.05, "interference_ratio_last": 1.0}
     without = {"interference_ratio_last": 1.0}  # e.g. a causal LM: no classification head
     point = predictor.predict([with_head, without])
-    assert point[0] == pytest.approx(predictor.estimator_.predict([[0.05]])[0] * -1 + 1)
+    assert point[0] == pytest.approx(1 - 2.0 * 0.05)  # the main model: R = 1 - 2 · head_kl
     assert point[1] == pytest.approx(alone.predict([without])[0])
     interval = predictor.predict_interval([with_head, without])
-    np.testing.assert_allclose(interval[0] - point[0], predictor.residual_quantiles_)
+    np.testing.assert_allclose(interval[0] - point[0], predictor.residual_quantiles_, atol=1e-12)
     np.testing.assert_allclose(interval[1] - point[1], alone.residual_quantiles_)
     path = save_predictors({"direct": predictor}, tmp_path / "p.skops")
     loaded, _ = load_predictors(path)
@@ -241,8 +241,15 @@ def test_a_zero_signal_is_a_value_not_a_missing_one():
     predictor = RetentionPredictor(
         features=("head_kl",), model="ridge", fallback_features=("interference_ratio_last",)
     ).fit(rows, y, groups=groups)
-    assert not predictor._fallback_rows([{"head_kl": 0.0, "interference_ratio_last": 1.0}])[0]
-    assert predictor._fallback_rows([{"interference_ratio_last": 1.0}])[0]
+    zero, missing = predictor.predict_interval(
+        [{"head_kl": 0.0, "interference_ratio_last": 1.0}, {"interference_ratio_last": 1.0}]
+    )
+    # each row carries the interval width of the model that predicted it
+    main_low, main_high = predictor.residual_quantiles_
+    back_low, back_high = predictor.fallback_.residual_quantiles_
+    assert zero[1] - zero[0] == pytest.approx(main_high - main_low)
+    assert missing[1] - missing[0] == pytest.approx(back_high - back_low)
+    assert predictor.residual_quantiles_ != predictor.fallback_.residual_quantiles_
 
 
 def test_a_predictor_saved_before_fallbacks_existed_still_works(tmp_path):

@@ -529,10 +529,8 @@ def build_plan(
         predictor = predictors[method]
         values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
         if rows.size:
-            import pandas as pd
-
             read = [*predictor.features, *(getattr(predictor, "fallback_features", None) or ())]
-            X = pd.DataFrame({f: matrices[f][rows, cols] for f in dict.fromkeys(read)})
+            X = {f: matrices[f][rows, cols] for f in read}  # one column per signal
             values[rows, cols] = predictor.predict(X)
             interval = predictor.predict_interval(X)  # per row: a fallback has its own
             lo[rows, cols], hi[rows, cols] = interval[:, 0], interval[:, 1]

@@ -79,12 +79,20 @@ class UnsafePredictorError(MergeprobeError):
 def _feature_matrix(X: Any, features: Sequence[str], *, log: bool = True) -> np.ndarray:
     """Rows of signals → float matrix in ``features`` order; absent keys become NaN.
 
-    With ``log``, scale-like signals become logarithms (non-positive values become NaN)."""
+    ``X`` is a DataFrame, one row as a dict, a list of such dicts, a dict of equally long 1-D
+    columns, or an array whose columns are ``features``. With ``log``, scale-like signals
+    become logarithms (non-positive values become NaN)."""
     if hasattr(X, "columns"):  # pandas DataFrame
         missing = [f for f in features if f not in X.columns]
         if missing:
             raise InvalidParameterError(f"X lacks the feature columns {missing}")
         matrix = X.loc[:, list(features)].to_numpy(dtype=float, copy=True)
+    elif isinstance(X, Mapping) and any(np.ndim(v) == 1 for v in X.values()):
+        n = len(next(v for v in X.values() if np.ndim(v) == 1))
+        matrix = np.stack(
+            [np.asarray(X[f], dtype=float) if f in X else np.full(n, np.nan) for f in features],
+            axis=1,
+        )
     elif isinstance(X, Mapping):
         matrix = np.array([[_as_float(X.get(f)) for f in features]])
     elif len(X) and isinstance(X[0], Mapping):
@@ -309,27 +317,26 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         the logarithm makes it NaN)."""
         return ~np.isfinite(_feature_matrix(X, self.features, log=False)).all(axis=1)
 
-    def _fallback_rows(self, X: Any) -> np.ndarray:
-        """Rows the fallback model predicts: those missing any of ``features``."""
-        if getattr(self, "fallback_", None) is None:
-            return np.zeros(len(self._matrix(X)), dtype=bool)
-        return self._missing(X)
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Predicted retention for each row of ``X``."""
+    def _point_and_fallback(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions and the mask of rows the fallback model made (missing a feature)."""
         self._check_fitted()
         matrix = self._matrix(X)[:, self.active_features_]
         point = self._untarget(self.estimator_.predict(matrix))
-        fallback = self._fallback_rows(X)
+        if getattr(self, "fallback_", None) is None:
+            return point, np.zeros(point.shape, dtype=bool)
+        fallback = self._missing(X)
         if fallback.any():
             point[fallback] = self.fallback_.predict(X)[fallback]
-        return point
+        return point, fallback
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted retention for each row of ``X``."""
+        return self._point_and_fallback(X)[0]
 
     def predict_interval(self, X: Any) -> np.ndarray:
         """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
-        point = self.predict(X)
+        point, fallback = self._point_and_fallback(X)
         low, high = (np.full(point.shape, q) for q in self.residual_quantiles_)
-        fallback = self._fallback_rows(X)
         if fallback.any():
             low[fallback], high[fallback] = self.fallback_.residual_quantiles_
         return np.stack([point + low, point + high], axis=1)

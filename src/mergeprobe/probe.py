@@ -140,6 +140,8 @@ class SignalRecorder:
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.base_pooled: dict[int, torch.Tensor] = {}
         self.base_head_input: torch.Tensor | None = None
+        # The task head never changes after wrapping: looked up once, not at every probe.
+        self._head = _task_head(self.model, self.adapter_name)
         self.drift_layers: list[int] = []
         # Causal LMs: ask for one position's logits, not (batch, seq, vocab) of them.
         self._forward_kwargs = _logits_to_keep(self.model)
@@ -186,7 +188,7 @@ class SignalRecorder:
         device = next(p.device for p in self.model.parameters())
         n = int(self.anchor_inputs["input_ids"].shape[0])
         was_training = self.model.training
-        head = _task_head(self.model, self.adapter_name)
+        head = self._head
         head_chunks: list[torch.Tensor] = []
 
         def keep_head_input(module, args):
@@ -286,7 +288,7 @@ class SignalRecorder:
 
         Kept whole (anchors × hidden, about 100 KB): a partner's drift is read through this
         run's head, which a sketch would blur."""
-        head = _task_head(self.model, self.adapter_name)
+        head = self._head
         base = self.base_head_input
         if head is None or head_input is None or base is None:
             return {}
