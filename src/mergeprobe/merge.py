@@ -433,6 +433,11 @@ def _resolve_paths(
     return paths
 
 
+def _is_merged(served: Mapping[str, Any]) -> bool:
+    """A served model that merges several adapters (else it serves one adapter as it is)."""
+    return served["decision"] != "route" and len(served["members"]) > 1
+
+
 def _check_served_names(plan: Mapping[str, Any]) -> None:
     seen = set()
     for served in plan["served"]:
@@ -487,7 +492,7 @@ def apply_plan(
     _check_served_names(plan)
     groups: dict[str, list[AdapterWeights]] = {}
     for served in plan["served"]:
-        if served["decision"] != "route" and len(served["members"]) > 1:
+        if _is_merged(served):
             groups[served["name"]] = [read_adapter(paths[m]) for m in served["members"]]
             _check_same_layout(groups[served["name"]])
             task_types = {_task_type(a.config) for a in groups[served["name"]]}
@@ -509,7 +514,7 @@ def apply_plan(
         for served in served_list:
             name, members = served["name"], list(served["members"])
             target = tmp / name
-            if served["decision"] == "route" or len(members) == 1:
+            if not _is_merged(served):
                 target.mkdir()
                 for file in _ADAPTER_FILES:
                     if (paths[members[0]] / file).is_file():
@@ -604,9 +609,7 @@ def plan_to_mergekit(
     """One mergekit YAML per merged group (``base+lora`` references; mergekit merges the
     dense weights and writes a full model, not an adapter)."""
     configs = {}
-    for served in plan["served"]:
-        if served["decision"] == "route" or len(served["members"]) < 2:
-            continue
+    for served in filter(_is_merged, plan["served"]):
         method = served.get("method") or "direct"
         weights = served.get("weights") or _default_weights(method, served["members"])
         lines = [
@@ -653,7 +656,7 @@ def plan_to_peft_calls(
     their task heads (``modules_to_save``): PEFT refuses to merge adapters that share a
     ``modules_to_save`` module, and every task keeps its own head.
     """
-    groups = [s for s in plan["served"] if s["decision"] != "route" and len(s["members"]) >= 2]
+    groups = list(filter(_is_merged, plan["served"]))
     if not groups:
         return (
             '"""The plan merges nothing: every adapter is served as it is."""\n'
