@@ -126,6 +126,11 @@ def main(argv: list[str]) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # leave together: tearing gloo down under a busy peer can abort it
         dist.destroy_process_group()
+        # Skip the interpreter's teardown: gloo's threads destroyed there abort the process now
+        # and then ("terminate called without an active exception") after the work is done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
