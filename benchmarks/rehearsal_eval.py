@@ -20,8 +20,9 @@ update, and its own update plus the partner's (exact dense sum, the direct merge
 
 Then: each signal as a ranking, the damage model (non-negative, no intercept, as shipped) on
 each alone and with the shipped features, leave-one-task-out, with the shuffled-label null;
-and where the shipped model's errors lie (per own adapter). Writes rehearsal_eval.md (and
-.json) to --results.
+and where the shipped model's errors lie (per own adapter). Last, the same rehearsal with the
+partners' finished adapters (own run at the horizon) and with both adapters finished (a plan
+of finished adapters). Writes rehearsal_eval.md (and .json) to --results.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from benchmarks.merge_retention import (  # noqa: E402
     _hash,
     adapter_dir,
     collate_batches,
+    load_adapter,
     load_task,
     log,
     make_trainer,
@@ -111,10 +113,21 @@ def own_rows(task, n: int) -> list[dict]:
     return rows[:n]
 
 
+def finished_states(config: BenchConfig, cache: Path, runs):
+    """{run: (dense updates, head state dict)} of the finished adapters."""
+    states = {}
+    for run, task, seed in progress(runs, "finished adapters"):
+        adapter = load_adapter(config, adapter_dir(cache, config, task.name, seed), task, seed)
+        states[run] = (adapter.deltas, adapter.head.state_dict())
+    return states
+
+
 @torch.no_grad()
-def rehearse(config, tokenizer, tasks, runs, states, n: int, cache: Path, step: int):
+def rehearse(config, tokenizer, runs, own_states, partner_states, n, cache: Path, label: str):
     """{(own run, partner run): signals} and {own run: the drop of its own loss from the base
-    body's}, the logits cached per own run."""
+    body's}: each own run (its update and head from ``own_states``) merged with each partner
+    of another task (its update from ``partner_states``); the logits cached per own run under
+    ``label``, which names the states."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=2)
@@ -127,10 +140,10 @@ def rehearse(config, tokenizer, tasks, runs, states, n: int, cache: Path, step: 
         # the logits depend on this run's and every partner's training: keyed by all of them
         keys = [adapter_dir(cache, config, t.name, s).name for _, t, s in runs]
         own = adapter_dir(cache, config, task.name, seed).name
-        path = cache / "rehearsal" / f"logits-{own}-{step}-n{n}-{_hash(keys)}.safetensors"
+        path = cache / "rehearsal" / f"logits-{own}-{label}-n{n}-{_hash(keys)}.safetensors"
         if not path.is_file():
             batches = collate_batches(tokenizer, own_rows(task, n), config.max_length, 64)
-            deltas, head_state = states[run]
+            deltas, head_state = own_states[run]
             head = torch.nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
             head.load_state_dict(head_state)
             setattr(model, head_name, head)
@@ -144,7 +157,7 @@ def rehearse(config, tokenizer, tasks, runs, states, n: int, cache: Path, step: 
             out = {"labels": torch.cat([b["labels"] for b in batches])}
             out["base"], out["alone"] = logits({}), logits(deltas)
             for partner in partners:
-                other = states[partner][0]
+                other = partner_states[partner][0]
                 merged = {k: deltas.get(k, 0) + other.get(k, 0) for k in set(deltas) | set(other)}
                 out[f"merged.{partner}"] = logits(merged)
             tmp = path.with_suffix(".tmp")
@@ -220,7 +233,7 @@ def main(argv=None) -> int:
             f"retraining to step {step} does not reproduce the runs (update norms differ by "
             f"{error:.1e}); the rehearsal would describe other adapters"
         )
-    signals, loss_drop = rehearse(config, tokenizer, tasks, runs, states, args.n, cache, step)
+    signals, loss_drop = rehearse(config, tokenizer, runs, states, states, args.n, cache, str(step))
 
     table = load_pairs(results / "pairs.csv")
     frame = table[~table.same_task].reset_index(drop=True)
@@ -320,6 +333,62 @@ def main(argv=None) -> int:
             f"| {run} | {r.damage:.3f} | {r.residual:+.3f} | {r.rehearsal_kl_ratio:.3g} "
             f"| {r.interference:.3g} | {r.loss_drop:+.3f} |"
         )
+    # The same rehearsal with finished adapters: a new run at the horizon against adapters
+    # already trained, and a set of finished adapters (what a plan of finished adapters reads).
+    finished = finished_states(config, cache, runs)
+    scenarios = {
+        f"own run at step {step}, partners finished": (states, f"{step}-vs-final"),
+        "both finished": (finished, "final"),
+    }
+    lines += [
+        "",
+        "## Finished partners, finished adapters",
+        "",
+        "The rehearsal with the partner's finished adapter (a new run at the horizon compared "
+        "with adapters already trained) and with both adapters finished (a plan over finished "
+        "adapters). Each signal as a ranking, and the damage model on it alone "
+        "(leave-one-task-out, shuffled-label null the mean of 5); for comparison the shipped "
+        "features and head_interference from the final signatures.",
+        "",
+        "| states | features | raw Spearman | raw AUROC | damage model: Spearman | MAE | AUROC "
+        "| null |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    payload["finished"] = {}
+    for scenario, (own_states, label) in scenarios.items():
+        found, _ = rehearse(config, tokenizer, runs, own_states, finished, args.n, cache, label)
+        scenario_frame = frame.copy()
+        for name in SIGNALS:
+            scenario_frame[name] = [found[(r.self, r.other)][name] for r in frame.itertuples()]
+        compared = {name: [name] for name in SIGNALS}
+        if label == "final":
+            compared["shipped features, final"] = [f"final_{n}" for n in DEFAULT_FEATURES]
+            head_final = "final_head_interference"
+            if head_final in frame and frame[head_final].notna().all():
+                compared["head_interference, final"] = [head_final]
+        for set_name, columns in compared.items():
+            raw = metrics(-scenario_frame[columns[0]].to_numpy(dtype=float), y)
+            pred = damage_loto(scenario_frame, columns, y)
+            null = float(
+                np.mean(
+                    [spearmanr(damage_loto(scenario_frame, columns, y, k), y)[0] for k in range(5)]
+                )
+            )
+            m, ci = metrics(pred, y), bootstrap(pred, y)
+            payload["finished"][f"{scenario} / {set_name}"] = {
+                "raw": raw,
+                **m,
+                "ci": ci,
+                "shuffled_null": null,
+            }
+            raw_cells = (
+                f"{raw['spearman']:.3f} | {raw['auroc']:.3f}" if len(columns) == 1 else "— | —"
+            )
+            lines.append(
+                f"| {scenario} | {set_name} | {raw_cells} | {m['spearman']:.3f} "
+                f"[{ci['spearman'][0]:.2f}, {ci['spearman'][1]:.2f}] | {m['mae']:.3f} "
+                f"| {m['auroc']:.3f} | {null:.3f} |"
+            )
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")
     write_report(results, "rehearsal_eval", lines, payload, argv, seconds)

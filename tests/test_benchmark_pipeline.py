@@ -413,5 +413,10 @@ def test_rehearsal_evaluation_reproduces_the_early_runs(five_task_setup):
         assert math.isnan(model["spearman"]) or -1 <= model["spearman"] <= 1
         assert 0 <= model["mae"] < 1
     assert "| rehearsal_flip |" in (out / "rehearsal_eval.md").read_text()
+    finished = report["finished"]
+    assert {"both finished / rehearsal_kl", "both finished / shipped features, final"} <= set(
+        finished
+    )
+    assert any(k.startswith("own run at step 1, partners finished /") for k in finished)
     with pytest.raises(SystemExit):
         rehearsal_eval.main([*arguments, "--fraction", "0.3"])
