@@ -357,6 +357,8 @@ def main(argv=None) -> int:
     payload["finished"] = {}
     for scenario, (own_states, label) in scenarios.items():
         found, _ = rehearse(config, tokenizer, runs, own_states, finished, args.n, cache, label)
+        if label == "final":
+            both_finished = found
         scenario_frame = frame.copy()
         for name in SIGNALS:
             scenario_frame[name] = [found[(r.self, r.other)][name] for r in frame.itertuples()]
@@ -389,6 +391,27 @@ def main(argv=None) -> int:
                 f"[{ci['spearman'][0]:.2f}, {ci['spearman'][1]:.2f}] | {m['mae']:.3f} "
                 f"| {m['auroc']:.3f} | {null:.3f} |"
             )
+    # The package's rehearsal_kl on the finished adapters' directories must give these values.
+    from transformers import AutoModelForSequenceClassification
+
+    from mergeprobe import rehearsal_kl
+
+    run, task, seed = runs[0]
+    partners = [r for r, t, _ in runs if t.name != task.name][:2]
+    directories = {r: adapter_dir(cache, config, t.name, s) for r, t, s in runs}
+    package = rehearsal_kl(
+        AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=2),
+        {r: directories[r] for r in (run, *partners)},
+        {run: collate_batches(tokenizer, own_rows(task, args.n), config.max_length, 64)},
+    )["rehearsal_kl"][0, 1:]
+    expected = np.array([both_finished[(run, p)]["rehearsal_kl"] for p in partners])
+    package_error = float(np.max(np.abs(package - expected) / np.abs(expected).clip(1e-12)))
+    payload["package_rehearsal_kl_error"] = package_error
+    lines += [
+        "",
+        f"`mergeprobe.rehearsal_kl` on the adapter directories of {run} and two partners gives "
+        f"these values to {package_error:.1e} (largest relative difference).",
+    ]
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")
     write_report(results, "rehearsal_eval", lines, payload, argv, seconds)

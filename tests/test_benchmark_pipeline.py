@@ -418,5 +418,6 @@ def test_rehearsal_evaluation_reproduces_the_early_runs(five_task_setup):
         finished
     )
     assert any(k.startswith("own run at step 1, partners finished /") for k in finished)
+    assert report["package_rehearsal_kl_error"] < 1e-6  # the package computes the same
     with pytest.raises(SystemExit):
         rehearsal_eval.main([*arguments, "--fraction", "0.3"])

@@ -21,6 +21,7 @@ from .predictor import (
 )
 from .probe import signature_of_adapter
 from .signals.compare import pairwise_signals
+from .signals.rehearsal import rehearsal_kl
 from .signature import Probe, Signature, check_compatible
 from .store import SignatureStore, sanitize_name
 
@@ -49,6 +50,7 @@ __all__ = [
     "pairwise_signals",
     "predict_pairs",
     "read_log",
+    "rehearsal_kl",
     "sanitize_name",
     "save_predictors",
     "set_retention",

@@ -846,26 +846,7 @@ def tune_weights(
         raise InvalidParameterError(f"bounds must be (low, high) with low < high; got {bounds}")
     if budget < 2:
         raise InvalidParameterError(f"budget must be at least 2 evaluations; got {budget}")
-    loaded = {
-        n: a if isinstance(a, AdapterWeights) else read_adapter(a) for n, a in adapters.items()
-    }
-    _check_same_layout(list(loaded.values()))
-    modules = sorted({m for a in loaded.values() for m in a.factors})
-    targets = {m: model.get_submodule(m) for m in modules}
-    original = {m: t.weight.detach().clone() for m, t in targets.items()}
-    deltas = {
-        n: {m: d.to(original[m].dtype) for m, d in ad.deltas().items()} for n, ad in loaded.items()
-    }
-    heads = {
-        n: {k.removeprefix("base_model.model."): v for k, v in ad.extras.items()}
-        for n, ad in loaded.items()
-    }
-    state = model.state_dict()
-    saved_heads = {
-        k: state[k].detach().clone() for k in {k for h in heads.values() for k in h} if k in state
-    }
-    was_training = model.training
-    model.eval()
+    sandbox = _MergeSandbox(model, adapters)
     calls = []
     bar = None
     if progress:
@@ -875,14 +856,10 @@ def tune_weights(
 
     def loss_of(x: np.ndarray) -> float:
         w = np.clip(x, low, high)
-        for m, target in targets.items():
-            update = sum(
-                float(wk) * deltas[n][m] for n, wk in zip(names, w, strict=True) if m in deltas[n]
-            )
-            target.weight.copy_(original[m] + update)
+        sandbox.write(dict(zip(names, (float(v) for v in w), strict=True)))
         total = 0.0
         for n in names:
-            _set_tensors(model, heads[n])
+            sandbox.use_head(n)
             losses = [_loss(model, batch) for batch in batches[n]]
             total += sum(losses) / len(losses)
         value = total / len(names) + l1 * float(np.abs(w).mean())
@@ -904,10 +881,7 @@ def tune_weights(
             options={"maxfev": budget - 1, "initial_simplex": np.clip(simplex, low, high)},
         )
     finally:
-        for m, target in targets.items():
-            target.weight.copy_(original[m])
-        _set_tensors(model, saved_heads)
-        model.train(was_training)
+        sandbox.restore()
         if bar is not None:
             bar.close()
     best, weights = min(calls, key=lambda c: c[0])
@@ -917,6 +891,54 @@ def tune_weights(
         "loss_init": first,
         "evaluations": len(calls),
     }
+
+
+class _MergeSandbox:
+    """A base model in eval mode into which any weighted sum of the adapters' dense updates
+    (``W0 + Σ w_k ΔW_k``) and any member's saved task head can be written; ``restore`` puts
+    the model's weights, heads and mode back."""
+
+    def __init__(
+        self, model: torch.nn.Module, adapters: Mapping[str, AdapterWeights | str | os.PathLike]
+    ):
+        loaded = {
+            n: a if isinstance(a, AdapterWeights) else read_adapter(a) for n, a in adapters.items()
+        }
+        _check_same_layout(list(loaded.values()))
+        self.model = model
+        modules = sorted({m for a in loaded.values() for m in a.factors})
+        self.targets = {m: model.get_submodule(m) for m in modules}
+        self.original = {m: t.weight.detach().clone() for m, t in self.targets.items()}
+        self.deltas = {
+            n: {m: d.to(self.original[m].dtype) for m, d in ad.deltas().items()}
+            for n, ad in loaded.items()
+        }
+        self.heads = {
+            n: {k.removeprefix("base_model.model."): v for k, v in ad.extras.items()}
+            for n, ad in loaded.items()
+        }
+        state = model.state_dict()
+        every_head = {k for head in self.heads.values() for k in head}
+        self.saved_heads = {k: state[k].detach().clone() for k in every_head if k in state}
+        self.was_training = model.training
+        model.eval()
+
+    @torch.no_grad()
+    def write(self, weights: Mapping[str, float]) -> None:
+        """Write ``W0 + Σ weights[n] ΔW_n`` into every target layer."""
+        for m, target in self.targets.items():
+            update = sum(w * self.deltas[n][m] for n, w in weights.items() if m in self.deltas[n])
+            target.weight.copy_(self.original[m] + update)
+
+    def use_head(self, name: str) -> None:
+        _set_tensors(self.model, self.heads[name])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, target in self.targets.items():
+            target.weight.copy_(self.original[m])
+        _set_tensors(self.model, self.saved_heads)
+        self.model.train(self.was_training)
 
 
 def _set_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
