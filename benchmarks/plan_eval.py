@@ -40,6 +40,7 @@ from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
 from mergeprobe.predictor import DEFAULT_FEATURES, DEFAULT_MODEL, METHODS  # noqa: E402
 
 TAUS = (0.8, 0.85, 0.9, 0.95)
+PROBE_LABELS = {"p01": "1 %", "p02": "2 %", "p05": "5 %", "p10": "10 %", "final": "the end"}
 
 
 def load_config(results: Path) -> bench.BenchConfig:
@@ -188,15 +189,19 @@ def benchmark_arguments(description: str, probe: str) -> argparse.ArgumentParser
 
 
 def write_report(
-    results: Path, stem: str, lines: list[str], payload: dict, argv, seconds: float
+    results: Path,
+    stem: str,
+    lines: list[str],
+    payload: dict,
+    argv,
+    seconds: float,
+    script: str | None = None,
 ) -> None:
     """``<stem>.md`` (the tables, then the command and its runtime) and ``<stem>.json`` in the
-    results folder; the markdown is printed too."""
-    lines = [
-        *lines,
-        "",
-        f"Command: `python benchmarks/{stem}.py {' '.join(argv or sys.argv[1:])}`; {seconds} s.",
-    ]
+    results folder; the markdown is printed too. ``script`` names the command when it is not
+    ``<stem>.py``."""
+    command = f"python benchmarks/{script or stem + '.py'} {' '.join(argv or sys.argv[1:])}"
+    lines = [*lines, "", f"Command: `{command.strip()}`; {seconds} s."]
     text = "\n".join(lines) + "\n"
     (results / f"{stem}.md").write_text(text)
     (results / f"{stem}.json").write_text(
@@ -220,13 +225,31 @@ def main(argv=None) -> int:
         choices=("ridge", "boosting", "damage"),
         help="default: the model predictor_eval.py chose (predictor_eval.json), else damage",
     )
+    parser.add_argument(
+        "--features",
+        help="comma-separated signals to predict from (default: predictor_eval.py's choice); "
+        "rehearsal_* signals are read from rehearsal.csv (rehearsal_eval.py)",
+    )
+    parser.add_argument(
+        "--report", default="plan_eval", help="name of the written report (default plan_eval)"
+    )
     args = parser.parse_args(argv)
     results, cache = results_and_cache(parser, args)
     started = time.perf_counter()
     config = load_config(results)
     table = load_pairs(results / "pairs.csv")
-    frame = table[~table.same_task].reset_index(drop=True)
     features, model, _ = chosen_predictor(results, args.model)
+    if args.features:
+        features = [f.strip() for f in args.features.split(",") if f.strip()]
+    if any(f.startswith("rehearsal_") for f in features):
+        rehearsal = results / "rehearsal.csv"
+        if not rehearsal.is_file():
+            parser.error(f"{rehearsal} not found: run benchmarks/rehearsal_eval.py first")
+        table = table.merge(pd.read_csv(rehearsal), on=["self", "other"], how="left")
+    missing = [f for f in features if f"{args.probe}_{f}" not in table.columns]
+    if missing:
+        parser.error(f"no {args.probe} values of {missing} in the pair table")
+    frame = table[~table.same_task].reset_index(drop=True)
     predicted = predicted_pairs(frame, args.probe, model, features)
     measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
 
@@ -252,7 +275,7 @@ def main(argv=None) -> int:
             retention = measure_groups(group, runner, by_run)
             rows.append(summarise(f"{tag}: merge all ({method})", retention, 1, args.tau, "all"))
         for label, pairs in (
-            ("predicted at 5 %, LOTO", pairs_pred),
+            (f"predicted at {PROBE_LABELS.get(args.probe, args.probe)}, LOTO", pairs_pred),
             ("measured pairs", pairs_true),
         ):
             for tau in TAUS:
@@ -301,7 +324,13 @@ def main(argv=None) -> int:
         )
     seconds = round(time.perf_counter() - started, 1)
     write_report(
-        results, "plan_eval", lines, {"rows": rows, "sweep": sweep, "tau": args.tau}, argv, seconds
+        results,
+        args.report,
+        lines,
+        {"rows": rows, "sweep": sweep, "tau": args.tau},
+        argv,
+        seconds,
+        script="plan_eval.py",
     )
     return 0
 

@@ -239,6 +239,10 @@ def main(argv=None) -> int:
     frame = table[~table.same_task].reset_index(drop=True)
     for name in SIGNALS:
         frame[name] = [signals[(r.self, r.other)][name] for r in frame.itertuples()]
+    # per-pair values, prefixed like the pair table's signals, for plan_eval --features
+    per_pair = frame[["self", "other"]].copy()
+    for name in SIGNALS:
+        per_pair[f"{prefix}_{name}"] = frame[name]
     y = frame["retention_ratio_direct"].to_numpy(dtype=float)
     shipped = [f"{prefix}_{n}" for n in DEFAULT_FEATURES]
     head = f"{prefix}_head_interference"
@@ -362,6 +366,8 @@ def main(argv=None) -> int:
         scenario_frame = frame.copy()
         for name in SIGNALS:
             scenario_frame[name] = [found[(r.self, r.other)][name] for r in frame.itertuples()]
+            if label == "final":
+                per_pair[f"final_{name}"] = scenario_frame[name]
         compared = {name: [name] for name in SIGNALS}
         if label == "final":
             compared["shipped features, final"] = [f"final_{n}" for n in DEFAULT_FEATURES]
@@ -412,6 +418,7 @@ def main(argv=None) -> int:
         f"`mergeprobe.rehearsal_kl` on the adapter directories of {run} and two partners gives "
         f"these values to {package_error:.1e} (largest relative difference).",
     ]
+    per_pair.to_csv(results / "rehearsal.csv", index=False)
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")
     write_report(results, "rehearsal_eval", lines, payload, argv, seconds)

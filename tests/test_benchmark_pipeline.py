@@ -419,5 +419,17 @@ def test_rehearsal_evaluation_reproduces_the_early_runs(five_task_setup):
     )
     assert any(k.startswith("own run at step 1, partners finished /") for k in finished)
     assert report["package_rehearsal_kl_error"] < 1e-6  # the package computes the same
+
+    # plans from the finished adapters' rehearsal, through plan_eval's --features
+    from benchmarks import plan_eval
+
+    options = ["--probe", "final", "--features", "rehearsal_kl", "--model", "damage"]
+    assert plan_eval.main([*arguments[:4], *options, "--report", "plan_rehearsal"]) == 0
+    text = (out / "plan_rehearsal.md").read_text()
+    assert "damage on rehearsal_kl at final" in text
+    assert "| seed 0: plan, predicted at the end, LOTO |" in text
+    assert "Command: `python benchmarks/plan_eval.py --results" in text
+    with pytest.raises(SystemExit):  # a signal the pair table does not have
+        plan_eval.main([*arguments[:4], "--features", "no_such_signal"])
     with pytest.raises(SystemExit):
         rehearsal_eval.main([*arguments, "--fraction", "0.3"])

@@ -88,3 +88,13 @@ def test_rehearsal_refuses_bad_input(tmp_path):
         rehearsal_kl(model, {"a": path_a, "b": path_b}, {"z": [INPUTS]})
     with pytest.raises(InvalidParameterError, match="no batches"):
         rehearsal_kl(model, {"a": path_a, "b": path_b}, {"a": []})
+
+
+def test_the_damage_model_reads_rehearsal_kl_as_a_scale_signal():
+    from mergeprobe import RetentionPredictor
+
+    kl = torch.linspace(0.01, 1.0, 40).numpy()
+    retention = 1.0 - 0.1 * kl  # damage proportional to the KL, none without it
+    predictor = RetentionPredictor(features=("rehearsal_kl",), model="damage")
+    predictor.fit({"rehearsal_kl": kl}, retention)
+    assert predictor.predict({"rehearsal_kl": [0.5, 0.0]}) == pytest.approx([0.95, 1.0])

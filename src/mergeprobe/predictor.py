@@ -60,6 +60,7 @@ _LOG_FEATURES = {
     "head_kl",
     "head_logit_shift",
     "head_interference",
+    "rehearsal_kl",  # mergeprobe.rehearsal_kl, finished adapters: not a signature signal
 }
 _MODELS = ("ridge", "boosting", "damage")
 # The damage model reads scale-like signals as they are (no logarithm): damage must vanish
