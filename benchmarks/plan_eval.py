@@ -7,15 +7,16 @@ of a team that wants to serve its task adapters in as few models as it can. Stra
 
 - ``route all``: every adapter served on its own (retention 1 by definition);
 - ``merge all (<method>)``: one model, all adapters merged by direct / mean / TIES / DARE;
-- ``plan, predicted at 5 %``: ``Policy.plan`` on retentions predicted from the 5 % signals,
-  leave-one-task-out (each pair predicted by a predictor that never saw its own task), the
-  groups then really merged and measured;
+- ``plan, predicted at 5 %``: ``Policy.plan`` on retentions predicted from the 5 % signals
+  (``--probe``; ``--features`` picks the signals, e.g. ``rehearsal_kl`` at ``final`` from
+  rehearsal_eval.py's ``rehearsal.csv``), leave-one-task-out (each pair predicted by a
+  predictor that never saw its own task), the groups then really merged and measured;
 - ``plan, measured pairs``: the same policy fed the *measured* pairwise retentions, the ceiling
   a perfect pairwise predictor would reach with this policy.
 
 Every merged model is built from the cached adapters and evaluated on each member's own task
 with its own head (accuracy cached with the benchmark's measurements). Writes plan_eval.md and
-plan_eval.json into the results folder.
+plan_eval.json (``--report`` names them otherwise) into the results folder.
 """
 
 from __future__ import annotations
@@ -250,6 +251,10 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"no {args.probe} values of {missing} in the pair table")
     frame = table[~table.same_task].reset_index(drop=True)
+    holes = [f for f in features if frame[f"{args.probe}_{f}"].isna().any()]
+    if any(f.startswith("rehearsal_") for f in holes):
+        # a rehearsal.csv of other runs: its pairs do not match this table's
+        parser.error(f"{results}/rehearsal.csv lacks pairs of this table: rerun rehearsal_eval.py")
     predicted = predicted_pairs(frame, args.probe, model, features)
     measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
 

@@ -137,8 +137,15 @@ def rehearse(config, tokenizer, runs, own_states, partner_states, n, cache: Path
     signals, loss_drop = {}, {}
     for run, task, seed in progress(runs, "rehearsals"):
         partners = [r for r, t, _ in runs if t.name != task.name]
-        # the logits depend on this run's and every partner's training: keyed by all of them
+        # the logits depend on this run's and every partner's training: keyed by all of them,
+        # and for finished adapters by their weight files too (a retrained adapter is new)
         keys = [adapter_dir(cache, config, t.name, s).name for _, t, s in runs]
+        if "final" in label:
+            for _, t, s in runs:
+                weights = (
+                    adapter_dir(cache, config, t.name, s) / "adapter_model.safetensors"
+                ).stat()
+                keys.append([weights.st_size, weights.st_mtime_ns])
         own = adapter_dir(cache, config, task.name, seed).name
         path = cache / "rehearsal" / f"logits-{own}-{label}-n{n}-{_hash(keys)}.safetensors"
         if not path.is_file():

@@ -98,3 +98,40 @@ def test_the_damage_model_reads_rehearsal_kl_as_a_scale_signal():
     predictor = RetentionPredictor(features=("rehearsal_kl",), model="damage")
     predictor.fit({"rehearsal_kl": kl}, retention)
     assert predictor.predict({"rehearsal_kl": [0.5, 0.0]}) == pytest.approx([0.95, 1.0])
+
+
+def test_an_adapter_without_a_head_reads_the_models_own_and_the_model_is_restored(tmp_path):
+    from mergeprobe.merge import read_adapter
+
+    path_a, _ = _adapter(tmp_path, "a", seed=1)
+    headless = read_adapter(_adapter(tmp_path, "h", seed=2)[0])
+    headless.extras = {}  # e.g. a body-only adapter
+    model = BertForSequenceClassification.from_pretrained(_base_dir(tmp_path), num_labels=3)
+    model.train()
+    head = model.classifier.weight
+    batches = {"a": [INPUTS], "h": [INPUTS]}
+    first = rehearsal_kl(model, {"a": path_a, "h": headless}, batches)["rehearsal_kl"]
+    second = rehearsal_kl(model, {"h": headless, "a": path_a}, batches)["rehearsal_kl"]
+    # h's row does not depend on whose head was in place before it
+    assert first[1, 0] == pytest.approx(second[0, 1], rel=1e-9)
+    assert first[0, 1] == pytest.approx(second[1, 0], rel=1e-9)
+    # h read through the model's own head, by hand
+    with torch.no_grad():
+        model.eval()
+        layers = {k: d for k, d in headless.deltas().items()}
+        own = {k: model.get_submodule(k).weight.clone() for k in layers}
+        for k, d in layers.items():
+            model.get_submodule(k).weight += d
+        alone = model(**INPUTS).logits
+        for k, d in read_adapter(path_a).deltas().items():
+            model.get_submodule(k).weight += d
+        merged = model(**INPUTS).logits
+        for k, w in own.items():
+            model.get_submodule(k).weight.copy_(w)
+        for k, d in read_adapter(path_a).deltas().items():
+            model.get_submodule(k).weight -= d
+    assert first[1, 0] == pytest.approx(_kl(alone, merged), rel=1e-4)
+    # the very same head parameter is back, still trainable; the mode too
+    model.train()
+    rehearsal_kl(model, {"a": path_a, "h": headless}, batches)
+    assert model.classifier.weight is head and head.requires_grad and model.training

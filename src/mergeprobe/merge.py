@@ -895,8 +895,9 @@ def tune_weights(
 
 class _MergeSandbox:
     """A base model in eval mode into which any weighted sum of the adapters' dense updates
-    (``W0 + Σ w_k ΔW_k``) and any member's saved task head can be written; ``restore`` puts
-    the model's weights, heads and mode back."""
+    (``W0 + Σ w_k ΔW_k``, summed in the model's dtype on its device) and any member's saved
+    task head can be written; ``restore`` puts the model's own weights, head parameters (the
+    same objects) and mode back."""
 
     def __init__(
         self, model: torch.nn.Module, adapters: Mapping[str, AdapterWeights | str | os.PathLike]
@@ -910,16 +911,26 @@ class _MergeSandbox:
         self.targets = {m: model.get_submodule(m) for m in modules}
         self.original = {m: t.weight.detach().clone() for m, t in self.targets.items()}
         self.deltas = {
-            n: {m: d.to(self.original[m].dtype) for m, d in ad.deltas().items()}
+            n: {
+                m: d.to(device=self.original[m].device, dtype=self.original[m].dtype)
+                for m, d in ad.deltas().items()
+            }
             for n, ad in loaded.items()
         }
         self.heads = {
             n: {k.removeprefix("base_model.model."): v for k, v in ad.extras.items()}
             for n, ad in loaded.items()
         }
-        state = model.state_dict()
-        every_head = {k for head in self.heads.values() for k in head}
-        self.saved_heads = {k: state[k].detach().clone() for k in every_head if k in state}
+        # the model's own head tensors, as objects: restoring them keeps optimizer references
+        self.own_heads = {}
+        for key in {k for head in self.heads.values() for k in head}:
+            owner, _, attr = key.rpartition(".")
+            try:
+                module = model.get_submodule(owner) if owner else model
+            except AttributeError:
+                continue  # no such module: putting that head in place will say so
+            # None: an attribute the model lacks, removed again by restore
+            self.own_heads[key] = (module, attr, getattr(module, attr, None))
         self.was_training = model.training
         model.eval()
 
@@ -931,13 +942,28 @@ class _MergeSandbox:
             target.weight.copy_(self.original[m] + update)
 
     def use_head(self, name: str) -> None:
-        _set_tensors(self.model, self.heads[name])
+        """``name``'s saved head; an adapter without one is read through the model's own."""
+        self._put_own_heads()
+        placed = {}
+        for key, value in self.heads[name].items():
+            own = self.own_heads.get(key)
+            if own is not None and isinstance(own[2], torch.Tensor):
+                value = value.to(device=own[2].device, dtype=own[2].dtype)
+            placed[key] = value
+        _set_tensors(self.model, placed)
+
+    def _put_own_heads(self) -> None:
+        for module, attr, value in self.own_heads.values():
+            if value is not None:
+                setattr(module, attr, value)
+            elif hasattr(module, attr):
+                delattr(module, attr)
 
     @torch.no_grad()
     def restore(self) -> None:
         for m, target in self.targets.items():
             target.weight.copy_(self.original[m])
-        _set_tensors(self.model, self.saved_heads)
+        self._put_own_heads()
         self.model.train(self.was_training)
 
 

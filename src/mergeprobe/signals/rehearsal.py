@@ -47,8 +47,13 @@ def rehearsal_kl(
     Returns:
         ``{"names": [...], "rehearsal_kl": (n, n) array}``: entry ``[i, j]`` is the mean KL
         divergence from i's output distribution alone to i's distribution merged with j, over
-        i's inputs (over its non-padding tokens for a language model). NaN on the diagonal
-        and in the rows of adapters without batches.
+        i's inputs (over its non-padding tokens for a language model). NaN on the diagonal,
+        in the rows of adapters without batches and where every position is padding. An
+        adapter without a saved head is read through the model's own head.
+
+    Memory: i's own log-probabilities are kept for all its batches (float32, positions ×
+    classes or vocabulary), so give a language model a few short batches. The merged weights
+    are summed in the model's dtype: in bfloat16 their rounding sets a floor under the KL.
     """
     from ..merge import _MergeSandbox
 
@@ -60,7 +65,6 @@ def rehearsal_kl(
         raise InvalidParameterError(f"batches for adapters not given: {unknown}")
     if not any(batches.get(n) for n in names):
         raise InvalidParameterError("no batches: at least one adapter needs its own inputs")
-    sandbox = _MergeSandbox(model, adapters)
     n = len(names)
     kl = np.full((n, n), np.nan)
     own = [i for i, name in enumerate(names) if batches.get(name)]
@@ -68,39 +72,43 @@ def rehearsal_kl(
         from tqdm.auto import tqdm
 
         own = tqdm(own, desc="rehearsing merges", unit="adapter")
+    sandbox = _MergeSandbox(model, adapters)
     try:
         for i in own:
             name = names[i]
+            own_batches = list(batches[name])  # read once: the same inputs for every partner
             sandbox.use_head(name)
             sandbox.write({name: 1.0})
-            alone = [_log_probs(model, batch) for batch in batches[name]]
+            # kept in float32: batches x positions x classes (or vocabulary) values
+            alone = [_logits(model, batch) for batch in own_batches]
             for j, partner in enumerate(names):
                 if j == i:
                     continue
                 sandbox.write({name: 1.0, partner: 1.0})
                 total = count = 0.0
-                for batch, (log_p, mask) in zip(batches[name], alone, strict=True):
-                    log_q, _ = _log_probs(model, batch)
+                for batch, (logits, mask) in zip(own_batches, alone, strict=True):
+                    # log-softmax in float64: the KL of a small change is a small difference
+                    log_p = logits.double().log_softmax(-1)
+                    log_q = _logits(model, batch)[0].double().log_softmax(-1)
                     per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
                     total += float((per_position * mask).sum())
                     count += float(mask.sum())
-                kl[i, j] = total / count
+                kl[i, j] = total / count if count > 0 else np.nan
     finally:
         sandbox.restore()
     return {"names": names, "rehearsal_kl": kl}
 
 
-def _log_probs(
+def _logits(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities, weight of each position): one distribution per input for a
+    """(float32 logits, weight of each position): one distribution per input for a
     classifier, one per non-padding token for a language model."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.double()
-    log_probs = logits.log_softmax(-1)
+    logits = model(**inputs).logits.float()
     if logits.dim() == 2:  # (batch, classes)
-        return log_probs, torch.ones(logits.shape[0], dtype=torch.float64)
+        return logits, torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
     mask = inputs.get("attention_mask")
     if mask is None:
-        mask = torch.ones(logits.shape[:2], dtype=torch.float64)
-    return log_probs, mask.to(torch.float64)
+        mask = torch.ones(logits.shape[:2], device=logits.device)
+    return logits, mask.to(device=logits.device, dtype=torch.float64)
