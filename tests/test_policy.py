@@ -163,3 +163,51 @@ def test_plan_by_matrices_equals_plan_by_pairs_and_builds_a_document():
     assert sorted(sorted(d.members) for d in by_pairs) == sorted(
         sorted(s["members"]) for s in plan["served"]
     )
+
+
+def test_plan_from_signals_the_signatures_do_not_carry():
+    """A predictor fitted on rehearsal_kl plans from the matrix given to build_plan, in the
+    order of the signatures or of a "names" entry (as rehearsal_kl returns it)."""
+    import numpy as np
+
+    from mergeprobe import RetentionPredictor
+    from mergeprobe.policy import build_plan
+
+    from .test_compare import _random_signature
+
+    names = ["s0", "s1", "s2", "s3"]
+    signatures = [_random_signature(n, k, ("l0", "l1"), (1, 2)) for k, n in enumerate(names)]
+    kl = np.array(
+        [
+            [np.nan, 0.01, 0.90, 0.02],
+            [0.01, np.nan, 0.80, 0.03],
+            [0.70, 0.60, np.nan, 0.50],
+            [0.02, 0.02, 0.90, np.nan],
+        ]
+    )
+    train = np.linspace(0.0, 1.0, 30)
+    predictor = RetentionPredictor(features=("rehearsal_kl",), model="damage")
+    predictor.fit({"rehearsal_kl": train}, 1.0 - 0.2 * train)  # R = 1 - 0.2 KL
+    policy = Policy(tau=0.9, methods=("direct",))
+    plan = build_plan(signatures, {"direct": predictor}, policy, signals={"rehearsal_kl": kl})
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i != j:
+                assert table[(a, b)] == pytest.approx(1.0 - 0.2 * kl[i, j])
+    groups = sorted(sorted(s["members"]) for s in plan["served"])
+    assert groups == [["s0", "s1", "s3"], ["s2"]]  # s2 damages and is damaged by everyone
+    # the same matrix in another order, named
+    order = [3, 1, 0, 2]
+    named = {"names": [names[k] for k in order], "rehearsal_kl": kl[np.ix_(order, order)]}
+    again = build_plan(signatures, {"direct": predictor}, policy, signals=named)
+    assert again["served"] == plan["served"]
+    with pytest.raises(InvalidParameterError, match="shape"):
+        build_plan(signatures, {"direct": predictor}, policy, signals={"rehearsal_kl": kl[:3]})
+    with pytest.raises(InvalidParameterError, match="names"):
+        build_plan(
+            signatures,
+            {"direct": predictor},
+            policy,
+            signals={"names": ["a", "b", "c", "d"], "rehearsal_kl": kl},
+        )

@@ -448,6 +448,30 @@ def plan_state(signatures: Sequence) -> str:
     return "final" if kinds == {"final"} else "early"
 
 
+def _given_signals(signals: Mapping[str, Any] | None, names: list[str]) -> dict[str, np.ndarray]:
+    """``build_plan``'s extra signal matrices, checked and put in the order of ``names``."""
+    if not signals:
+        return {}
+    order = list(signals.get("names", names))
+    if sorted(order) != sorted(names) or len(set(order)) != len(order):
+        raise InvalidParameterError(
+            f"the signals' names {order} are not the signatures' names {names}"
+        )
+    index = [order.index(name) for name in names]
+    out = {}
+    for key, value in signals.items():
+        if key == "names":
+            continue
+        matrix = np.asarray(value, dtype=float)
+        if matrix.shape != (len(names), len(names)):
+            raise InvalidParameterError(
+                f"signal {key!r} must be an ({len(names)}, {len(names)}) array, one row and "
+                f"column per signature; got shape {matrix.shape}"
+            )
+        out[key] = matrix[np.ix_(index, index)]
+    return out
+
+
 def _signal_matrices(signatures: Sequence, needed: set[str], progress: bool):
     """Every needed pairwise signal as an (n, n) matrix, each signature at its last probe:
     matrix products where ``pairwise_signal_matrices`` covers them, else pair by pair."""
@@ -485,11 +509,15 @@ def build_plan(
     predictor_info: Mapping[str, Any] | None = None,
     include_pairs: bool | None = None,
     progress: bool = False,
+    signals: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A plan for a set of signatures: every pair predicted, adapters grouped (design §5).
 
     Each signature is compared at its last probe. Without ``predictors``, the shipped ones for
-    the signatures' state (``plan_state``). Returns a JSON-ready document (schema
+    the signatures' state (``plan_state``). ``signals`` adds pairwise signals the signatures
+    do not carry, each an (n, n) array (row: the adapter, column: its partner) in the order of
+    ``signatures``, or in the order of a ``"names"`` entry, as ``rehearsal_kl`` returns them;
+    predictors that read them (e.g. fitted on ``rehearsal_kl``) then plan from them. Returns a JSON-ready document (schema
     ``mergeprobe.plan/1``) that ``mergeprobe apply`` carries out: ``served`` models (merged
     groups with method, weights and each member's predicted set retention with its interval,
     and routed adapters), ``pruned`` adapters and the model that serves them, the predicted
@@ -521,7 +549,9 @@ def build_plan(
     include_pairs = n <= 200 if include_pairs is None else include_pairs
 
     needed = _needed_signals(predictors[m] for m in methods)
-    matrices = _signal_matrices(signatures, needed, progress)
+    given = _given_signals(signals, names)
+    matrices = _signal_matrices(signatures, needed - set(given), progress)
+    matrices.update(given)
     compared = compatibility_matrix(signatures).numpy() & ~np.eye(n, dtype=bool)
     rows, cols = np.nonzero(compared)
     retention, low, high = {}, {}, {}
