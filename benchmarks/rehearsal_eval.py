@@ -65,7 +65,7 @@ from benchmarks.merge_retention import (  # noqa: E402
     task_head,
 )
 from benchmarks.plan_eval import write_report  # noqa: E402
-from benchmarks.predictor_eval import bootstrap, fmt, load_pairs, metrics  # noqa: E402
+from benchmarks.predictor_eval import bootstrap, fmt, load_pairs, loto, metrics  # noqa: E402
 from mergeprobe.predictor import DEFAULT_FEATURES  # noqa: E402
 
 SIGNALS = (
@@ -216,9 +216,55 @@ def damage_loto(frame: pd.DataFrame, columns: list[str], y: np.ndarray, shuffle_
     return pred
 
 
+def ship_predictors(table: pd.DataFrame, per_pair: pd.DataFrame, payload: dict, results: Path):
+    """The damage model on the finished adapters' ``rehearsal_kl``, one per merge method,
+    fitted on every cross-task pair; its leave-one-task-out figures (the package's predictor,
+    as ``predictor_eval`` evaluates it) go into its metadata and the report's payload."""
+    from mergeprobe.predictor import METHODS, RetentionPredictor, save_predictors
+
+    frame = table[~table.same_task].merge(per_pair, on=["self", "other"]).reset_index(drop=True)
+    predictors, trained_on, evaluation = {}, {}, {}
+    for method in METHODS:
+        y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
+        keep = np.isfinite(y)
+        data = frame[keep].reset_index(drop=True)
+        evaluation[method] = metrics(loto(data, ["final_rehearsal_kl"], y[keep], "damage"), y[keep])
+        predictor = RetentionPredictor(features=("rehearsal_kl",), model="damage")
+        predictor.fit({"rehearsal_kl": data["final_rehearsal_kl"].to_numpy()}, y[keep])
+        predictors[method] = predictor
+        trained_on[method] = int(keep.sum())
+    path = ROOT / "src" / "mergeprobe" / "data" / "default_predictors_rehearsal.skops"
+    save_predictors(
+        predictors,
+        path,
+        {
+            "trained_on": trained_on,
+            "source": str((results / "rehearsal.csv").relative_to(ROOT))
+            if (results / "rehearsal.csv").is_relative_to(ROOT)
+            else str(results / "rehearsal.csv"),
+            "signals": "rehearsal_kl of finished adapters on 128 own training inputs per task",
+            "state": "rehearsal",
+            "features": ["rehearsal_kl"],
+            "fallback_features": None,
+            "tasks": sorted(frame.self_task.unique()),
+            "model": "damage",
+            "loto_final": evaluation["direct"],
+            "loto_by_method": evaluation,
+        },
+    )
+    payload["shipped"] = {"path": str(path.name), "loto_by_method": evaluation}
+    log(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = early_run_parser(__doc__)
     parser.add_argument("--n", type=int, default=128, help="own training examples per run")
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="write the damage model on the finished adapters' rehearsal_kl into the package "
+        "(load_predictors(state='rehearsal'))",
+    )
     args = parser.parse_args(argv)
     results, cache, config, step = early_run_config(parser, args)
     if args.n < 8:
@@ -426,6 +472,8 @@ def main(argv=None) -> int:
         f"these values to {package_error:.1e} (largest relative difference).",
     ]
     per_pair.to_csv(results / "rehearsal.csv", index=False)
+    if args.ship:
+        ship_predictors(table, per_pair, payload, results)
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")
     write_report(results, "rehearsal_eval", lines, payload, argv, seconds)

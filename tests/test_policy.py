@@ -202,6 +202,13 @@ def test_plan_from_signals_the_signatures_do_not_carry():
     named = {"names": [names[k] for k in order], "rehearsal_kl": kl[np.ix_(order, order)]}
     again = build_plan(signatures, {"direct": predictor}, policy, signals=named)
     assert again["served"] == plan["served"]
+    # the shipped rehearsal predictors plan from the same matrix
+    from mergeprobe import load_predictors
+
+    shipped, _ = load_predictors(state="rehearsal")
+    direct = Policy(tau=0.9, methods=("direct",))
+    by_shipped = build_plan(signatures, shipped, direct, signals={"rehearsal_kl": kl})
+    assert ["s2"] in [s["members"] for s in by_shipped["served"]]  # KL 0.5-0.9: kept apart
     with pytest.raises(InvalidParameterError, match="shape"):
         build_plan(signatures, {"direct": predictor}, policy, signals={"rehearsal_kl": kl[:3]})
     with pytest.raises(InvalidParameterError, match="names"):

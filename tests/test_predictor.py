@@ -159,6 +159,19 @@ def test_the_shipped_default_predictors_load_and_predict():
     assert 0.3 < value < 1.3
 
 
+def test_the_shipped_rehearsal_predictors_read_rehearsal_kl():
+    predictors, meta = load_predictors(state="rehearsal")
+    assert set(predictors) == {"direct", "mean", "ties", "dare"}
+    assert meta["state"] == "rehearsal" and meta["trained_on"]["direct"] >= 200
+    direct = predictors["direct"]
+    assert direct.features == ("rehearsal_kl",) and direct.model == "damage"
+    values = direct.predict({"rehearsal_kl": [0.0, 0.1, 1.0]})
+    assert values[0] == pytest.approx(1.0)  # no change to the outputs, no damage
+    assert values[0] > values[1] > values[2]
+    with pytest.raises(InvalidParameterError, match="rehearsal"):
+        load_predictors(state="rehersal")
+
+
 def test_invalid_parameters_are_reported_clearly():
     rows, y, _ = _rows()
     with pytest.raises(InvalidParameterError, match="model must be one of"):

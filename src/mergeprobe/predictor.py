@@ -70,7 +70,15 @@ _DEFAULT_PATH = Path(__file__).parent / "data" / "default_predictors.skops"
 # Fitted on final adapters: for plans over finished adapters (``mergeprobe add``), whose
 # update and drift magnitudes are far larger than at 5 % of a run.
 _DEFAULT_FINAL_PATH = Path(__file__).parent / "data" / "default_predictors_final.skops"
-STATES = ("early", "final")
+# Fitted on the merge rehearsal of finished adapters (``rehearsal_kl``, given to
+# ``build_plan(signals=...)``): benchmarks/rehearsal_eval.py --ship.
+_DEFAULT_REHEARSAL_PATH = Path(__file__).parent / "data" / "default_predictors_rehearsal.skops"
+STATES = ("early", "final", "rehearsal")
+_DEFAULT_PATHS = {
+    "early": _DEFAULT_PATH,
+    "final": _DEFAULT_FINAL_PATH,
+    "rehearsal": _DEFAULT_REHEARSAL_PATH,
+}
 
 
 class UnsafePredictorError(MergeprobeError):
@@ -388,7 +396,8 @@ def load_predictors(
     path: str | os.PathLike | None = None, *, state: str = "early"
 ) -> tuple[dict[str, RetentionPredictor], dict[str, Any]]:
     """Predictors and their metadata from a skops file (default: the one shipped for
-    ``state``: ``"early"`` signals of runs at their horizon, or ``"final"`` adapters).
+    ``state``: ``"early"`` signals of runs at their horizon, ``"final"`` adapters, or
+    ``"rehearsal"``: finished adapters' ``rehearsal_kl``, passed to ``build_plan(signals=...)``).
 
     Refuses a pickle file and any object type outside scikit-learn, numpy and mergeprobe's
     predictor: a predictor may come from someone else.
@@ -397,8 +406,7 @@ def load_predictors(
 
     if state not in STATES:
         raise InvalidParameterError(f"state must be one of {STATES}; got {state!r}")
-    default = _DEFAULT_FINAL_PATH if state == "final" else _DEFAULT_PATH
-    path = Path(path) if path is not None else default
+    path = Path(path) if path is not None else _DEFAULT_PATHS[state]
     if not path.is_file():
         raise MergeprobeError(f"no predictor file at {path}")
     with open(path, "rb") as f:
