@@ -66,19 +66,17 @@ _MODELS = ("ridge", "boosting", "damage")
 # The damage model reads scale-like signals as they are (no logarithm): damage must vanish
 # when the partner moves nothing, which a zero signal means only on the raw scale.
 _DAMAGE_FEATURES = _LOG_FEATURES | {"head_flip"}
-_DEFAULT_PATH = Path(__file__).parent / "data" / "default_predictors.skops"
-# Fitted on final adapters: for plans over finished adapters (``mergeprobe add``), whose
-# update and drift magnitudes are far larger than at 5 % of a run.
-_DEFAULT_FINAL_PATH = Path(__file__).parent / "data" / "default_predictors_final.skops"
-# Fitted on the merge rehearsal of finished adapters (``rehearsal_kl``, given to
-# ``build_plan(signals=...)``): benchmarks/rehearsal_eval.py --ship.
-_DEFAULT_REHEARSAL_PATH = Path(__file__).parent / "data" / "default_predictors_rehearsal.skops"
-STATES = ("early", "final", "rehearsal")
+_DATA = Path(__file__).parent / "data"
+# The shipped predictors, by the state of the signals they read: runs at their horizon;
+# finished adapters (``mergeprobe add``), whose update and drift magnitudes are far larger than
+# at 5 % of a run; and finished adapters' merge rehearsal (``rehearsal_kl``, given to
+# ``build_plan(signals=...)``; benchmarks/rehearsal_eval.py --ship).
 _DEFAULT_PATHS = {
-    "early": _DEFAULT_PATH,
-    "final": _DEFAULT_FINAL_PATH,
-    "rehearsal": _DEFAULT_REHEARSAL_PATH,
+    "early": _DATA / "default_predictors.skops",
+    "final": _DATA / "default_predictors_final.skops",
+    "rehearsal": _DATA / "default_predictors_rehearsal.skops",
 }
+STATES = tuple(_DEFAULT_PATHS)
 
 
 class UnsafePredictorError(MergeprobeError):

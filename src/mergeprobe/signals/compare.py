@@ -123,22 +123,28 @@ def _head_signals(own: dict[str, torch.Tensor], partner: dict[str, torch.Tensor]
     ``head_logit_shift``: ‖partner drift · Wᵀ‖ / ‖own drift · Wᵀ‖ with W centred over classes
     (softmax sees only differences of logits). NaN when the shapes differ.
     """
-    x, drift = own["head_input"].double(), own["head_input_drift"].double()
-    other = partner["head_input_drift"].double()
-    w, b = own["head_weight"].double(), own["head_bias"].double()
-    if other.shape != x.shape or w.shape[1] != x.shape[1]:
+    other = partner["head_input_drift"]
+    if other.shape != own["head_input"].shape or own["head_weight"].shape[1] != other.shape[1]:
         return dict.fromkeys(HEAD_SIGNALS, NAN)
-    alone = x @ w.T + b
-    merged = alone + other @ w.T
-    log_p, log_q = torch.log_softmax(alone, dim=1), torch.log_softmax(merged, dim=1)
+    values = _read_through_head(own, other.double()[None])
+    return {name: float(v[0]) for name, v in values.items()}
+
+
+def _read_through_head(own: dict[str, torch.Tensor], drifts: torch.Tensor) -> dict:
+    """``_head_signals`` of ``own`` against each of ``drifts`` (partners, anchors, hidden)."""
+    x, drift = own["head_input"].double(), own["head_input_drift"].double()
+    w, b = own["head_weight"].double(), own["head_bias"].double()
+    alone = x @ w.T + b  # (anchors, classes)
+    merged = alone[None] + drifts @ w.T  # (partners, anchors, classes)
+    log_p = torch.log_softmax(alone, dim=1)[None]
+    log_q = torch.log_softmax(merged, dim=2)
     centred = w - w.mean(0, keepdim=True)
     own_shift = float(torch.linalg.norm(drift @ centred.T))
+    shifts = (drifts @ centred.T).flatten(1).norm(dim=1)
     return {
-        "head_flip": float((alone.argmax(1) != merged.argmax(1)).double().mean()),
-        "head_kl": float((log_p.exp() * (log_p - log_q)).sum(1).mean()),
-        "head_logit_shift": float(torch.linalg.norm(other @ centred.T)) / own_shift
-        if own_shift > 0
-        else NAN,
+        "head_flip": (alone.argmax(1)[None] != merged.argmax(2)).double().mean(1),
+        "head_kl": (log_p.exp() * (log_p - log_q)).sum(2).mean(1),
+        "head_logit_shift": shifts / own_shift if own_shift > 0 else torch.full_like(shifts, NAN),
     }
 
 
@@ -318,23 +324,12 @@ def _head_matrices(probes: list[Probe]) -> dict[str, torch.Tensor]:
         ]
         columns = torch.tensor(members, dtype=torch.long)
         drifts = torch.stack([probes[k].tensors["head_input_drift"].double() for k in members])
-        for row, i in enumerate(members):
+        for i in members:
             t = probes[i].tensors
-            w, b = t["head_weight"].double(), t["head_bias"].double()
-            if t["head_input"].shape != shape or w.shape[1] != shape[1]:
+            if t["head_input"].shape != shape or t["head_weight"].shape[1] != shape[1]:
                 continue
-            alone = t["head_input"].double() @ w.T + b  # (anchors, classes)
-            merged = alone[None] + drifts @ w.T  # (partners, anchors, classes)
-            log_p = torch.log_softmax(alone, dim=1)[None]
-            log_q = torch.log_softmax(merged, dim=2)
-            out["head_kl"][i, columns] = (log_p.exp() * (log_p - log_q)).sum(2).mean(1)
-            out["head_flip"][i, columns] = (
-                (alone.argmax(1)[None] != merged.argmax(2)).double().mean(1)
-            )
-            centred = w - w.mean(0, keepdim=True)
-            shifts = (drifts @ centred.T).flatten(1).norm(dim=1)
-            if float(shifts[row]) > 0:
-                out["head_logit_shift"][i, columns] = shifts / shifts[row]
+            for name, values in _read_through_head(t, drifts).items():
+                out[name][i, columns] = values
     return out
 
 
