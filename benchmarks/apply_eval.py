@@ -59,12 +59,20 @@ def training_rows(frame: pd.DataFrame, seed: int, features, prefix: str) -> list
 
 
 def seed_predictors(
-    frame: pd.DataFrame, seeds, seed: int, features: list[str], probe: str, model, fallback=None
+    frame: pd.DataFrame,
+    seeds,
+    seed: int,
+    features: list[str],
+    probe: str,
+    model,
+    fallback=None,
+    power: float | str = 1.0,
 ):
     """Predictors for one seed's adapters, refitted on the other seed's measured pairs (the
     same tasks, other runs), and their label. With one seed there is no other: they are fitted
     on the same pairs (in-sample), and the label says so. ``fallback``: signals of the model
-    for pairs that miss any of ``features`` (signatures recorded without a task head)."""
+    for pairs that miss any of ``features`` (signatures recorded without a task head);
+    ``power``: the damage model's."""
     others = [s for s in seeds if s != seed]
     source = others[0] if others else seed
     read = dict.fromkeys([*features, *(fallback or ())])
@@ -73,6 +81,7 @@ def seed_predictors(
         features=features,
         model=model,
         fallback_features=fallback,
+        power=power if model == "damage" else 1.0,
     )
     label = f"refit on seed {source}, {probe} signals" + ("" if others else " (in-sample)")
     return predictors, label
@@ -109,7 +118,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     config = load_config(results)
     frame = load_pairs(results / "pairs.csv")
-    features, model, fallback = chosen_predictor(results)
+    features, model, fallback, power = chosen_predictor(results, probe=args.probe)
     by_run, evaluator, runner = open_runner(config, cache)
     store = SignatureStore(cache / "stores" / config.store_key())
     prefix = evaluator.model.base_model_prefix
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
 
     for seed in config.seeds:
         predictors, label = seed_predictors(
-            frame, config.seeds, seed, features, args.probe, model, fallback
+            frame, config.seeds, seed, features, args.probe, model, fallback, power
         )
         names = [f"{t}-s{seed}" for t in config.tasks]
         signatures = [store.load(n) for n in names]

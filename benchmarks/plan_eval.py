@@ -51,14 +51,14 @@ def load_config(results: Path) -> bench.BenchConfig:
 
 
 def predicted_pairs(
-    frame: pd.DataFrame, prefix: str, model: str, features: list[str]
+    frame: pd.DataFrame, prefix: str, model: str, features: list[str], power: float = 1.0
 ) -> dict[str, np.ndarray]:
     """Leave-one-task-out predictions of every cross-task directed pair, per merge method."""
     columns = [f"{prefix}_{f}" for f in features if f"{prefix}_{f}" in frame.columns]
     out = {}
     for method in METHODS:
         y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
-        out[method] = loto(frame, columns, y, model)
+        out[method] = loto(frame, columns, y, model, power=power)
     return out
 
 
@@ -121,16 +121,21 @@ def evaluate_plan(decisions, runner, by_run) -> tuple[dict[str, float], list]:
 
 
 def chosen_predictor(
-    results: Path, model: str | None = None
-) -> tuple[list[str], str, list[str] | None]:
-    """The feature set, model and fallback signals predictor_eval.py chose (and shipped), if
-    it ran."""
+    results: Path, model: str | None = None, probe: str = "p05"
+) -> tuple[list[str], str, list[str] | None, float]:
+    """The feature set, model, fallback signals and the damage model's power (at ``probe``)
+    that predictor_eval.py chose (and shipped), if it ran."""
     chosen = results / "predictor_eval.json"
     if not chosen.is_file():
-        return list(DEFAULT_FEATURES), model or DEFAULT_MODEL, None
+        return list(DEFAULT_FEATURES), model or DEFAULT_MODEL, None, 1.0
     report = json.loads(chosen.read_text())
     features = report["chosen_features"]
-    return features["features"], model or report["chosen_model"], features.get("fallback")
+    return (
+        features["features"],
+        model or report["chosen_model"],
+        features.get("fallback"),
+        float(features.get("powers", {}).get(probe, features.get("power", 1.0))),
+    )
 
 
 def open_runner(config: bench.BenchConfig, cache: Path):
@@ -232,6 +237,12 @@ def main(argv=None) -> int:
         "rehearsal_* signals are read from rehearsal.csv (rehearsal_eval.py)",
     )
     parser.add_argument(
+        "--power",
+        type=float,
+        help="the damage model's power (default: predictor_eval.py's, or 1 with --features "
+        "or --model)",
+    )
+    parser.add_argument(
         "--report", default="plan_eval", help="name of the written report (default plan_eval)"
     )
     args = parser.parse_args(argv)
@@ -239,9 +250,15 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     config = load_config(results)
     table = load_pairs(results / "pairs.csv")
-    features, model, _ = chosen_predictor(results, args.model)
+    features, model, _, power = chosen_predictor(results, args.model, args.probe)
     if args.features:
         features = [f.strip() for f in args.features.split(",") if f.strip()]
+    if args.power is not None:
+        power = args.power
+    elif args.features or args.model:
+        power = 1.0  # the chosen power belongs to the chosen features and model
+    if model != "damage":
+        power = 1.0
     if any(f.startswith("rehearsal_") for f in features):
         rehearsal = results / "rehearsal.csv"
         if not rehearsal.is_file():
@@ -255,7 +272,7 @@ def main(argv=None) -> int:
     if any(f.startswith("rehearsal_") for f in holes):
         # a rehearsal.csv of other runs: its pairs do not match this table's
         parser.error(f"{results}/rehearsal.csv lacks pairs of this table: rerun rehearsal_eval.py")
-    predicted = predicted_pairs(frame, args.probe, model, features)
+    predicted = predicted_pairs(frame, args.probe, model, features, power)
     measured = {m: frame[f"retention_ratio_{m}"].to_numpy(dtype=float) for m in METHODS}
 
     by_run, evaluator, runner = open_runner(config, cache)
@@ -304,7 +321,8 @@ def main(argv=None) -> int:
         f"Scenario per seed: one adapter per task ({len(config.tasks)} adapters, r={config.rank}). "
         f"Retention = accuracy of the served model on the member's task / the adapter alone "
         f"(measured). Plan: `Policy(tau={args.tau}).plan`, groups merged and measured. "
-        f"Predicted retentions: {model} on {', '.join(features)} at {args.probe}, "
+        f"Predicted retentions: {model}{f' (power {power:g})' if power != 1 else ''} on "
+        f"{', '.join(features)} at {args.probe}, "
         "leave-one-task-out.",
         "",
         f"| strategy | served models | mean retention | worst | members < {args.tau} | merged groups |",

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     config = load_config(results)
     frame = load_pairs(results / "pairs.csv")
-    features, model_kind, fallback = chosen_predictor(results)
+    features, model_kind, fallback, power = chosen_predictor(results, probe=args.probe)
     by_run, evaluator, runner = open_runner(config, cache)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tasks = {name: bench.load_task(Path(config.data), name) for name in config.tasks}
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     rows, weights_rows = [], []
     for seed in config.seeds:
         predictors, _ = seed_predictors(
-            frame, config.seeds, seed, features, args.probe, model_kind, fallback
+            frame, config.seeds, seed, features, args.probe, model_kind, fallback, power
         )
         names = [f"{t}-s{seed}" for t in config.tasks]
         signatures = [store.load(n) for n in names]

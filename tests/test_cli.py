@@ -41,10 +41,22 @@ def test_fit_writes_predictors_that_reproduce_the_measurements(tmp_path, capsys)
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| direct | 80 | 3 |" in printed and "| ties | < 10 measured |" in printed
+    assert "| direct | 80 | 3 | 1 |" in printed and "| ties | < 10 measured |" in printed
     predictors, meta = load_predictors(out)
     assert set(predictors) == {"direct", "mean"} and meta["trained_on"]["mean"] == 80
     np.testing.assert_allclose(predictors["mean"].predict(rows[:5]), y[:5] + 0.01, atol=0.01)
+
+
+def test_fit_takes_the_damage_models_power(tmp_path, capsys):
+    _write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "mine.skops"
+    args = ["fit", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--model", "damage"]
+    assert main([*args, "--features", "interference_ratio_last", "--power", "0.5"]) == 0
+    assert "| direct | 80 | 1 | 0.5 |" in capsys.readouterr().out
+    assert load_predictors(out)[0]["direct"].power_ == 0.5
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--power", "steep"])
+    assert exit_info.value.code == 2 and "expected 'auto' or a number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -274,3 +274,80 @@ def test_a_predictor_saved_before_fallbacks_existed_still_works(tmp_path):
     assert "RetentionPredictor" in repr(predictor)
     np.testing.assert_allclose(predictor.predict(rows[:3]), y[:3], atol=0.01)
     assert predictor.predict_interval(rows[:3]).shape == (3, 2)
+
+
+def _damage_rows(power: float, n: int = 60):
+    """Rows whose damage is exactly 0.05 * interference ** power."""
+    rng = np.random.default_rng(3)
+    rows = [{"interference_ratio_last": float(x)} for x in rng.uniform(0.01, 4.0, n)]
+    y = np.array([1 - 0.05 * r["interference_ratio_last"] ** power for r in rows])
+    return rows, y, [k % 5 for k in range(n)]
+
+
+def test_damage_model_with_a_power_bends_the_response():
+    rows, y, groups = _damage_rows(0.5)
+    features = ("interference_ratio_last",)
+    predictor = RetentionPredictor(features=features, model="damage", power=0.5)
+    predictor.fit(rows, y, groups=groups)
+    assert predictor.power_ == 0.5
+    np.testing.assert_allclose(predictor.estimator_[-1].coef_, [0.05], atol=1e-9)
+    # 0.05 * sqrt(0.25) = 0.025; nothing moved still costs nothing
+    assert predictor.predict([{"interference_ratio_last": 0.25}])[0] == pytest.approx(0.975)
+    assert predictor.predict([{"interference_ratio_last": 0.0}])[0] == pytest.approx(1.0)
+    # A straight line through the origin underestimates the damage of small signals.
+    straight = RetentionPredictor(features=features, model="damage").fit(rows, y, groups=groups)
+    assert straight.predict([{"interference_ratio_last": 0.25}])[0] > 0.99
+
+
+@pytest.mark.parametrize("power", [0.3, 0.5, 1.0])
+def test_auto_power_is_the_least_squares_one(power):
+    rows, y, groups = _damage_rows(power)
+    predictor = RetentionPredictor(
+        features=("interference_ratio_last",), model="damage", power="auto"
+    ).fit(rows, y, groups=groups)
+    assert predictor.power_ == pytest.approx(power)
+    np.testing.assert_allclose(predictor.predict(rows), y, atol=1e-9)
+
+
+def test_power_is_validated_and_kept_through_skops(tmp_path):
+    rows, y, groups = _damage_rows(0.5)
+    features = ("interference_ratio_last",)
+    for bad in (0, -1, 5, "fit"):
+        with pytest.raises(InvalidParameterError, match="power must be"):
+            RetentionPredictor(features=features, model="damage", power=bad).fit(rows, y)
+    with pytest.raises(InvalidParameterError, match="damage model only"):
+        RetentionPredictor(features=features, model="ridge", power=0.5).fit(rows, y)
+    # 'auto' leaves the other models linear
+    assert (
+        RetentionPredictor(features=features, model="ridge", power="auto").fit(rows, y).power_ == 1
+    )
+    predictor = RetentionPredictor(features=features, model="damage", power="auto")
+    predictor.fit(rows, y, groups=groups)
+    loaded, _ = load_predictors(save_predictors({"direct": predictor}, tmp_path / "p.skops"))
+    assert loaded["direct"].power_ == 0.5
+    np.testing.assert_array_equal(loaded["direct"].predict(rows), predictor.predict(rows))
+
+
+def test_a_predictor_saved_before_powers_existed_reads_its_signals_straight():
+    rows, y, groups = _damage_rows(1.0)
+    predictor = RetentionPredictor(features=("interference_ratio_last",), model="damage")
+    predictor.fit(rows, y, groups=groups)
+    del predictor.__dict__["power"], predictor.__dict__["power_"]  # an older file
+    assert predictor.get_params()["power"] == 1.0
+    np.testing.assert_allclose(predictor.predict(rows), y, atol=1e-9)
+
+
+def test_the_shipped_default_reads_the_head_and_falls_back_without_it():
+    predictors, meta = load_predictors()
+    direct = predictors["direct"]
+    assert direct.features == ("head_interference",) and direct.model == "damage"
+    assert direct.fallback_features == ("interference_ratio", "interference_ratio_last")
+    assert meta["power"]["direct"] == direct.power_ and 0 < direct.power_ < 1
+    (coef,) = direct.estimator_[-1].coef_
+    with_head = {"head_interference": 0.04, "interference_ratio": 9.0}
+    values = direct.predict([with_head, {"head_interference": 0.0}])
+    assert values[0] == pytest.approx(1 - coef * 0.04**direct.power_)  # the ratio is unread
+    assert values[1] == pytest.approx(1.0)
+    # a causal LM's pair (no head signals) goes to the head-free fallback
+    no_head = {"interference_ratio": 0.5, "interference_ratio_last": 0.5}
+    assert direct.predict([no_head])[0] == pytest.approx(direct.fallback_.predict([no_head])[0])

@@ -30,6 +30,15 @@ class _CommandError(Exception):
     """Bad input a user can fix; printed as one line, exit status 1."""
 
 
+def _power(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number; got {text!r}") from None
+
+
 def _fit(args: argparse.Namespace) -> int:
     from .predictor import DEFAULT_FEATURES, METHODS
     from .predictor import fit as fit_predictors
@@ -47,19 +56,22 @@ def _fit(args: argparse.Namespace) -> int:
         group_key=args.group_key or None,
         out=out,
         fallback_features=tuple(args.fallback_features) if args.fallback_features else None,
+        power=args.power,
     )
     print(f"fitted {len(predictors)} predictor(s) from {pairs} -> {out}")
     print()
-    print("| method | pairs | features used | residual interval |")
-    print("|---|---|---|---|")
+    print("| method | pairs | features used | power | residual interval |")
+    print("|---|---|---|---|---|")
     for method in METHODS:
         if method not in predictors:
-            print(f"| {method} | < 10 measured | — | not fitted |")
+            print(f"| {method} | < 10 measured | — | — | not fitted |")
             continue
         p = predictors[method]
         low, high = p.residual_quantiles_
         interval = f"[{low:+.3f}, {high:+.3f}]" if math.isfinite(low) else "—"
-        print(f"| {method} | {p.n_train_} | {len(p.active_features_)} | {interval} |")
+        print(
+            f"| {method} | {p.n_train_} | {len(p.active_features_)} | {p.power_:g} | {interval} |"
+        )
     print()
     print(f"use it: MergeProbeCallback(..., predictor={str(out)!r})")
     return 0
@@ -212,7 +224,7 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .predictor import DEFAULT_FEATURES, DEFAULT_MODEL
+    from .predictor import DEFAULT_FEATURES, DEFAULT_MODEL, DEFAULT_POWER
 
     parser = argparse.ArgumentParser(
         prog="mergeprobe",
@@ -253,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="signals of a second model for pairs that miss any of --features (e.g. head "
         "signals, which models without a linear task head lack)",
+    )
+    fit.add_argument(
+        "--power",
+        type=_power,
+        default=DEFAULT_POWER,
+        help="the damage model's power: a number in (0, 4], or 'auto' to fit it by least "
+        f"squares (default: {DEFAULT_POWER})",
     )
     fit.add_argument(
         "--group-key",

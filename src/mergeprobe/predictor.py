@@ -41,10 +41,13 @@ METHODS = ("direct", "mean", "ties", "dare")
 # Chosen by leave-one-task-out measurement on the benchmark (benchmarks/predictor_eval.py,
 # results/predictor_eval.md): how much of the partner's drift lands inside the own drift
 # region, read as damage that vanishes with it, generalises to unseen tasks; direction cosines
-# and per-run descriptors did not (design §3). The head signals rank pairs better but gave
-# worse plans (results/plan_eval.md) and exist only for models with a linear task head.
+# and per-run descriptors did not (design §3). The shipped predictors read head_interference
+# (the partner's drift read through the run's own task head) with these as their fallback:
+# the head signals rank pairs better but exist only for models with a linear task head, so a
+# refit from a user's pairs defaults to the signals every model has.
 DEFAULT_FEATURES = ("interference_ratio", "interference_ratio_last")
 DEFAULT_MODEL = "damage"
+DEFAULT_POWER = "auto"
 # Positive, scale-like features enter the model as logarithms: ratios are symmetric in log
 # space (2x and 0.5x are equally far from 1).
 _LOG_FEATURES = {
@@ -63,6 +66,8 @@ _LOG_FEATURES = {
     "rehearsal_kl",  # mergeprobe.rehearsal_kl, finished adapters: not a signature signal
 }
 _MODELS = ("ridge", "boosting", "damage")
+# The damage model's candidate powers for ``power="auto"``.
+POWERS = tuple(round(0.2 + 0.05 * k, 2) for k in range(17))  # 0.2, 0.25, ..., 1.0
 # The damage model reads scale-like signals as they are (no logarithm): damage must vanish
 # when the partner moves nothing, which a zero signal means only on the raw scale.
 _DAMAGE_FEATURES = _LOG_FEATURES | {"head_flip"}
@@ -153,10 +158,17 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         A second model of the same kind on these signals predicts the rows that miss any of
         ``features`` (e.g. head signals of a causal LM, which has no classification head, or
         of signatures recorded before mergeprobe kept them), instead of imputing them.
+    power : float or "auto"
+        Damage model only: ``1 - R = Σ c_k s_k ** power``. Below 1 the response bends, so the
+        many pairs with small signals still cost some damage instead of almost none, which is
+        what sums of damages over a merged group need (``Policy.plan``). ``"auto"`` picks it
+        from ``POWERS`` by least squares on the training pairs (fitted ``power_``; the other
+        models take it as 1). The fallback model uses the same setting.
     """
 
-    # Predictor files saved before this parameter existed load without it.
+    # Predictor files saved before these parameters existed load without them.
     fallback_features = None
+    power = 1.0
 
     def __init__(
         self,
@@ -165,12 +177,14 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         coverage: float = 0.8,
         random_state: int = 0,
         fallback_features: Sequence[str] | None = None,
+        power: float | str = 1.0,
     ) -> None:
         self.features = features
         self.model = model
         self.coverage = coverage
         self.random_state = random_state
         self.fallback_features = fallback_features
+        self.power = power
 
     def _validate_params(self) -> None:
         if isinstance(self.features, str) or not len(self.features):
@@ -185,6 +199,17 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         if fallback is not None and (isinstance(fallback, str) or not len(fallback)):
             raise InvalidParameterError(
                 f"fallback_features must be None or a non-empty sequence of names; got {fallback!r}"
+            )
+        if self.power != "auto" and not (
+            isinstance(self.power, (int, float)) and 0 < float(self.power) <= 4
+        ):
+            raise InvalidParameterError(
+                f"power must be 'auto' or a number in (0, 4]; got {self.power!r}"
+            )
+        if self.model != "damage" and self.power not in (1, "auto"):
+            raise InvalidParameterError(
+                f"power applies to the damage model only; got power={self.power!r} with "
+                f"model={self.model!r}"
             )
         if self.model == "damage":
             signed = [f for f in (*self.features, *(fallback or ())) if f not in _DAMAGE_FEATURES]
@@ -274,6 +299,13 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         if self.active_features_.size == 0:
             raise InvalidParameterError(f"every feature is missing in X ({self.features})")
         matrix = matrix[:, self.active_features_]
+        if self.model != "damage":
+            self.power_ = 1.0
+        elif self.power == "auto":
+            self.power_ = self._choose_power(matrix, target)
+        else:
+            self.power_ = float(self.power)
+        matrix = self._bend(matrix)
         if groups is not None:
             groups = np.asarray(groups)
             n_splits = min(5, len(np.unique(groups)))
@@ -304,11 +336,29 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
                 model=self.model,
                 coverage=self.coverage,
                 random_state=self.random_state,
+                power=self.power,
             ).fit(X, full_target, groups=full_groups)
         return self
 
     def _matrix(self, X: Any) -> np.ndarray:
         return _feature_matrix(X, self.features, log=self.model != "damage")
+
+    def _bend(self, matrix: np.ndarray) -> np.ndarray:
+        """The damage model's signals raised to the fitted power (NaN stays NaN)."""
+        power = float(getattr(self, "power_", 1.0))
+        if self.model != "damage" or power == 1.0:
+            return matrix
+        return np.maximum(matrix, 0.0) ** power
+
+    def _choose_power(self, matrix: np.ndarray, target: np.ndarray) -> float:
+        """The power in ``POWERS`` whose damage model fits ``target`` with the least squared
+        error (in sample: one smooth parameter, and the folds' errors need it fixed)."""
+        errors = []
+        for power in POWERS:
+            bent = np.maximum(matrix, 0.0) ** power
+            fitted = self._make_estimator().fit(bent, self._target(target))
+            errors.append(float(np.mean((self._target(target) - fitted.predict(bent)) ** 2)))
+        return float(POWERS[int(np.argmin(errors))])
 
     def _target(self, retention: np.ndarray) -> np.ndarray:
         return 1.0 - retention if self.model == "damage" else retention
@@ -327,7 +377,7 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
     def _point_and_fallback(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Predictions and the mask of rows the fallback model made (missing a feature)."""
         self._check_fitted()
-        matrix = self._matrix(X)[:, self.active_features_]
+        matrix = self._bend(self._matrix(X)[:, self.active_features_])
         point = self._untarget(self.estimator_.predict(matrix))
         if getattr(self, "fallback_", None) is None:
             return point, np.zeros(point.shape, dtype=bool)
@@ -444,6 +494,7 @@ def fit(
     group_key: str | None = "group",
     out: str | os.PathLike | None = None,
     fallback_features: Sequence[str] | None = None,
+    power: float | str = DEFAULT_POWER,
 ) -> dict[str, RetentionPredictor]:
     """Refit predictors from measured outcomes.
 
@@ -451,7 +502,8 @@ def fit(
     pairwise signals (names as in ``features``) and one or more measured retentions
     ``retention_direct``, ``retention_mean``, ``retention_ties``, ``retention_dare``; an
     optional ``group`` (e.g. the task) keeps related pairs in the same interval fold.
-    ``fallback_features`` fit a second model for pairs that miss any of ``features``.
+    ``fallback_features`` fit a second model for pairs that miss any of ``features``;
+    ``power`` is the damage model's (``RetentionPredictor``).
     A predictor is fitted for each method with at least 10 measured pairs; with ``out``
     they are saved (skops) for ``load_predictors``.
     """
@@ -476,7 +528,7 @@ def fit(
         if groups is not None and any(g is None for g in groups):
             groups = None
         predictors[method] = RetentionPredictor(
-            features=features, model=model, fallback_features=fallback_features
+            features=features, model=model, fallback_features=fallback_features, power=power
         ).fit(usable, [float(r[key]) for r in usable], groups=groups)
     if not predictors:
         raise InvalidParameterError(
