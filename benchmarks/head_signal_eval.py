@@ -18,7 +18,10 @@ and reads, through i's head:
 It does so with the finished adapters (from the benchmark cache) and with each run's state at
 ``--fraction`` of its steps, reproduced by retraining the same seeded run to that step (CPU
 training is deterministic; the per-layer update norms must match the signature's probe at that
-step, or the script stops). Then the leave-one-task-out evaluation of predictor_eval compares
+step, or the script stops), and with each run at ``--fraction`` against the finished
+partners and the reverse (what the callback compares when the store holds finished adapters).
+Then the
+leave-one-task-out evaluation of predictor_eval compares
 the "partner magnitudes" features (the default when this was measured) with and without the
 head signals (the scale-like ones as logarithms), with a paired bootstrap of the gain. Writes
 head_signal_eval.md (and .json) to --results.
@@ -55,7 +58,13 @@ from benchmarks.merge_retention import (  # noqa: E402
     task_head,
 )
 from benchmarks.plan_eval import write_report  # noqa: E402
-from benchmarks.predictor_eval import bootstrap, fmt, loto, metrics  # noqa: E402
+from benchmarks.predictor_eval import (  # noqa: E402
+    bootstrap,
+    fmt,
+    loto,
+    metrics,
+    paired_difference,
+)
 from mergeprobe.signals.compare import HEAD_SIGNALS, _head_signals  # noqa: E402
 
 # The default predictor's features when these signals were measured; kept fixed so the gain
@@ -234,16 +243,6 @@ def reproduction_error(config: BenchConfig, cache: Path, norms, step: int) -> fl
 REPRODUCTION_TOLERANCE = 1e-3
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, seed: int = 0) -> list[float]:
-    """95 % interval of Spearman(b, y) - Spearman(a, y), pairs resampled together."""
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(1000):
-        i = rng.integers(0, len(y), len(y))
-        draws.append(spearmanr(b[i], y[i])[0] - spearmanr(a[i], y[i])[0])
-    return [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))]
-
-
 def within_task_spearman(frame: pd.DataFrame, column: str) -> float:
     values = [
         spearmanr(g[column], g.retention_ratio_direct, nan_policy="omit")[0]
@@ -283,21 +282,36 @@ def main(argv=None) -> int:
         "",
     ]
     payload: dict = {"results": str(results), "step": step, "fraction": args.fraction}
-    for label, at, column_prefix in (
-        (f"{args.fraction:.0%} of training (step {step})", step, prefix),
-        ("finished adapters", None, "final"),
-    ):
-        states, norms = measure_states(
-            config, cache, at, runs, tokenizer, anchors, anchor_info["inputs_hash"]
-        )
-        rows = [head_signals(states[r.self], states[r.other]) for r in frame.itertuples()]
+    early, early_norms = measure_states(
+        config, cache, step, runs, tokenizer, anchors, anchor_info["inputs_hash"]
+    )
+    final, _ = measure_states(
+        config, cache, None, runs, tokenizer, anchors, anchor_info["inputs_hash"]
+    )
+    states = (
+        (f"{args.fraction:.0%} of training (step {step})", early, early, prefix),
+        ("finished adapters", final, final, "final"),
+        # what the callback compares when the partners in the store have finished training
+        (f"a run at {args.fraction:.0%} against finished partners", early, final, f"{prefix}f"),
+        (
+            f"finished adapters against partners at {args.fraction:.0%}",
+            final,
+            early,
+            f"f{prefix[1:]}",
+        ),
+    )
+    # the mixed states only where the pair table has their signature signals
+    # (merge_retention.AGAINST_FINISHED)
+    states = tuple(s for s in states if f"{s[-1]}_interference_ratio" in frame)
+    for label, own, partner, column_prefix in states:
+        rows = [head_signals(own[r.self], partner[r.other]) for r in frame.itertuples()]
         head = pd.DataFrame(rows)
         for name in HEAD_SIGNALS:
             frame[f"{column_prefix}_{name}"] = head[name].to_numpy()
         frame = frame.copy()  # one block again after the added columns
         lines += [f"## {label}", ""]
-        if at is not None:
-            error = reproduction_error(config, cache, norms, step)
+        if own is early and partner is early:
+            error = reproduction_error(config, cache, early_norms, step)
             payload["reproduction_error"] = error
             if error > REPRODUCTION_TOLERANCE:
                 raise SystemExit(
@@ -346,7 +360,7 @@ def main(argv=None) -> int:
             payload[f"{column_prefix} / gain / {model_name}"] = [gain, low, high]
             lines.append(f"- {model_name}: {gain:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append("")
-    columns = [c for c in frame.columns if "_head_" in c]
+    columns = [f"{p}_{name}" for *_, p in states for name in HEAD_SIGNALS]
     frame[["self", "other", *columns]].to_csv(results / "head_signals.csv", index=False)
     seconds = round(time.perf_counter() - started, 1)
     log(f"done in {seconds} s")

@@ -44,6 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 QUICK_TASKS = ("sst2", "trec", "sms_spam", "qnli")
 FEATURE_PROBES = ("0.01", "0.02", "0.05", "0.1", "final")
+# A run at this fraction against finished partners (columns ``p05f_*``), and a finished
+# adapter against partners at it (``f05_*``): what the callback compares when the store holds
+# adapters that finished training, in both directions.
+AGAINST_FINISHED = ("0.05",)
 # A task whose adapter gains less than this over the base (accuracy points) has no defined
 # gain retention: dividing by ~0 would only amplify noise (design §2).
 MIN_GAIN = 0.02
@@ -640,6 +644,20 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
             row.update(
                 {f"{tag}_{k}": v for k, v in features.items() if not k.startswith("fraction")}
             )
+            finished = sig_i.probes[-1].kind == sig_j.probes[-1].kind == "final"
+            if probe in AGAINST_FINISHED and finished:
+                for mixed, (a, b) in (
+                    (f"{tag}f", (pick_i, sig_j.probes[-1])),
+                    (f"f{tag[1:]}", (sig_i.probes[-1], pick_j)),
+                ):
+                    features = pairwise_signals(sig_i, sig_j, a, b)
+                    row.update(
+                        {
+                            f"{mixed}_{k}": v
+                            for k, v in features.items()
+                            if not k.startswith("fraction")
+                        }
+                    )
         pair_rows.append(row)
 
     adapter_rows = [

@@ -49,7 +49,15 @@ FIRST_DEFAULT = (
     "cka_other",
 )
 ABSOLUTE_NORMS = ("update_norm_self", "update_norm_other", "drift_norm_self", "drift_norm_other")
-PREFIXES = ("p01", "p02", "p05", "p10", "final")
+# p05f: a run at 5 % against finished partners (what the callback compares when the store
+# holds adapters that finished training); f05: a finished adapter against a run at 5 %
+PREFIXES = ("p01", "p02", "p05", "p10", "final", "p05f", "f05")
+STATE_LABELS = {
+    "p05": "both at 5 %",
+    "p05f": "the run at 5 %, its partner finished",
+    "f05": "the adapter finished, its partner at 5 %",
+    "final": "both finished",
+}
 MODELS = ("ridge", "boosting", "damage")
 THRESHOLD = 0.9
 N_BOOT = 1000
@@ -81,6 +89,16 @@ def bootstrap(pred: np.ndarray, y: np.ndarray, seed: int = 0) -> dict[str, list[
     }
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, seed: int = 0) -> list[float]:
+    """95 % interval of Spearman(b, y) - Spearman(a, y), pairs resampled together."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(1000):
+        i = rng.integers(0, len(y), len(y))
+        draws.append(spearmanr(b[i], y[i])[0] - spearmanr(a[i], y[i])[0])
+    return [float(np.nanpercentile(draws, 2.5)), float(np.nanpercentile(draws, 97.5))]
+
+
 def signal_name(column: str) -> str:
     """``p05_interference_ratio`` -> ``interference_ratio``: the name the shipped predictor
     reads (and transforms: scale-like signals enter as logarithms)."""
@@ -99,10 +117,17 @@ def load_pairs(path: Path) -> pd.DataFrame:
     """The pair table, with the head signals of ``head_signal_eval.py`` (``head_signals.csv``
     beside it) when the table predates the callback recording them, and the head interference
     (``pairwise_signals``' definition) at every fraction that has both of its parts."""
-    table = pd.read_csv(path)
+
+    def without_empty_head_columns(frame: pd.DataFrame) -> pd.DataFrame:
+        # the benchmark's signatures carry no head: their head columns are empty
+        return frame.drop(columns=[c for c in frame if "_head_" in c and frame[c].isna().all()])
+
+    table = without_empty_head_columns(pd.read_csv(path))
     extra = Path(path).with_name("head_signals.csv")
-    if extra.is_file() and not any(c.endswith("_head_kl") for c in table.columns):
-        table = table.merge(pd.read_csv(extra), on=["self", "other"], how="left")
+    if extra.is_file():
+        head = without_empty_head_columns(pd.read_csv(extra))
+        head = head[["self", "other", *(c for c in head.columns[2:] if c not in table)]]
+        table = table.merge(head, on=["self", "other"], how="left")
     for prefix in PREFIXES:
         ratio, kl = f"{prefix}_interference_ratio_last", f"{prefix}_head_kl"
         target = f"{prefix}_head_interference"
@@ -119,13 +144,17 @@ def loto(
     *,
     shuffle_seed=None,
     power: float | str = 1.0,
+    predict_columns: list[str] | None = None,
 ):
     """Out-of-fold predictions, one fold per task of the pair's own adapter, by the same
-    predictor that ``--ship`` fits (the columns renamed to their signal names)."""
+    predictor that ``--ship`` fits (the columns renamed to their signal names); fitted on
+    ``columns`` and, when given, predicting from ``predict_columns`` (the same signals in
+    another state)."""
     pred = np.full(len(frame), np.nan)
     rng = np.random.default_rng(shuffle_seed)
     names = [signal_name(c) for c in columns]
     X = frame[columns].set_axis(names, axis=1)
+    X_test = X if predict_columns is None else frame[predict_columns].set_axis(names, axis=1)
     for task in sorted(frame.self_task.unique()):
         test = (frame.self_task == task).to_numpy()
         train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
@@ -134,7 +163,7 @@ def loto(
             rng.shuffle(target)
         predictor = RetentionPredictor(features=tuple(names), model=model, power=power)
         predictor.fit(X[train], target, groups=frame.self_task[train])
-        pred[test] = predictor.predict(X[test])
+        pred[test] = predictor.predict(X_test[test])
     return pred
 
 
@@ -464,6 +493,54 @@ def main(argv=None) -> int:
         )
     lines.append("")
 
+    # Which shipped predictor for which pair of states: the chosen model fitted on one state's
+    # signals and applied, leave-one-task-out, to another's (its own power each).
+    states = [p for p in ("p05", "p05f", "f05", "final") if len(cols(p, features)) == len(features)]
+    if len(states) > 1:
+        lines += [
+            "Partner states (the callback compares a run at its horizon with partners at the "
+            "same fraction, or with finished ones): the chosen model fitted on the signals of "
+            "one pair of states (rows) and applied, leave-one-task-out, to another's (columns). "
+            "Each cell: MAE / mean bias (predicted minus measured) / Spearman. "
+            + "; ".join(f"{p}: {STATE_LABELS[p]}" for p in states)
+            + ".",
+            "",
+            "| fitted on | " + " | ".join(states) + " |",
+            "|---" * (len(states) + 1) + "|",
+        ]
+        out["partner_states"] = {}
+        for fit_on in (p for p in states if p != "f05"):
+            power = power_of(fit_on, features, chosen_model)
+            cells = []
+            for apply_to in states:
+                pred = loto(
+                    frame,
+                    cols(fit_on, features),
+                    y,
+                    chosen_model,
+                    power=power,
+                    predict_columns=cols(apply_to, features),
+                )
+                m = metrics(pred, y)
+                bias = float(np.nanmean(pred - y))
+                out["partner_states"][f"{fit_on} -> {apply_to}"] = {**m, "bias": bias}
+                cells.append(f"{m['mae']:.3f} / {bias:+.3f} / {m['spearman']:.3f}")
+            lines.append(f"| {fit_on} (power {power:g}) | " + " | ".join(cells) + " |")
+        if {"p05", "p05f"} <= set(states):
+            # the callback's choice for a finished partner: its end, or its own 5 % probe
+            same = results[(chosen_model, "p05")][2]
+            end = results[(chosen_model, "p05f")][2]
+            gain = spearmanr(end, y)[0] - spearmanr(same, y)[0]
+            low, high = paired_difference(same, end, y)
+            out["finished_partner_gain"] = [gain, low, high]
+            lines += [
+                "",
+                "A finished partner read at its end (p05f, its own predictor) rather than at the "
+                f"run's fraction (p05): Spearman {gain:+.3f} [{low:+.3f}, {high:+.3f}] (paired "
+                "bootstrap, 95 %).",
+            ]
+        lines.append("")
+
     # set retention from pairwise values, against the measured triples
     triples_path = Path(args.triples) if args.triples else pairs_path.with_name("triples.csv")
     if triples_path.is_file():
@@ -521,11 +598,17 @@ def main(argv=None) -> int:
     print(text)
 
     if args.ship:
-        # Two predictor sets: one for early signatures (runs at their horizon) and one for
-        # finished adapters (``mergeprobe add``): magnitudes grow over training, so a model
-        # fitted on 5 % signals extrapolates on final ones.
+        # Three predictor sets: runs at their horizon, a run at its horizon against finished
+        # partners, and finished adapters (``mergeprobe add``): magnitudes grow over
+        # training, so a model fitted on one state's signals is off in scale on another's
+        # (the partner-states table).
         for prefix, filename, signals in (
             ("p05", "default_predictors.skops", "p05 (5 % of training) for both adapters"),
+            (
+                "p05f",
+                "default_predictors_early_vs_final.skops",
+                "p05f (the run at 5 % of training, its partner finished)",
+            ),
             ("final", "default_predictors_final.skops", "final adapters, both sides"),
         ):
             predictors = {}
@@ -560,7 +643,7 @@ def main(argv=None) -> int:
                     if pairs_path.is_relative_to(ROOT)
                     else str(pairs_path),
                     "signals": signals,
-                    "state": "final" if prefix == "final" else "early",
+                    "state": {"final": "final", "p05f": "early_vs_final"}.get(prefix, "early"),
                     "features": present,
                     "fallback_features": backup,
                     "feature_set": chosen_set,

@@ -90,6 +90,19 @@ def test_pipeline_writes_tables_with_measured_retention_and_signals(tiny_setup):
     # signals at 1, 2, 5, 10 % and at the end
     for tag in ("p01", "p02", "p05", "p10", "final"):
         assert row[f"{tag}_update_norm_ratio"] != "", tag
+    # and a run at 5 % against its finished partner, and the reverse, from the stored probes
+    from mergeprobe import SignatureStore, pairwise_signals
+
+    store = SignatureStore(root / "cache" / "stores" / cfg.store_key())
+    a, b = store.load(row["self"]), store.load(row["other"])
+    for tag, probes in (
+        ("p05f", (a.probe(0.05), b.probes[-1])),
+        ("f05", (a.probes[-1], b.probe(0.05))),
+    ):
+        assert b.probes[-1].kind == "final"
+        expected = pairwise_signals(a, b, *probes)
+        for key in ("update_norm_ratio", "interference_ratio", "drift_norm_ratio"):
+            assert float(row[f"{tag}_{key}"]) == pytest.approx(expected[key], rel=1e-5), (tag, key)
     assert len(results["triples"]) == 1 and len(results["controls"]) == 3
     assert "## Ratio retention" in (out / "summary.md").read_text()
 

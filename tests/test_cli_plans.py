@@ -85,12 +85,23 @@ def test_report_reads_a_decision_log(tmp_path, capsys):
         "fraction": 0.05,
         "decision": "route",
         "reasons": ["too different"],
-        "pairs": [{"with": "other", "retention_self": 0.61, "retention_other": 0.8}],
+        "pairs": [
+            {"with": "other", "retention_self": 0.61, "retention_other": 0.8},
+            {
+                "with": "done",
+                "retention_self": 0.7,
+                "retention_other": 0.9,
+                "interval": [0.6, 0.8],
+                "partner_state": "final state",
+            },
+        ],
     }
     log.write_text(json.dumps(record) + "\n")
     assert main(["report", str(log)]) == 0
     printed = capsys.readouterr().out
     assert "mine" in printed and "0.610" in printed and "reason: too different" in printed
+    (row,) = [line for line in printed.splitlines() if "done" in line]
+    assert row.split()[-5:] == ["0.900", "[0.600,", "0.800]", "final", "state"]
 
 
 def test_add_refuses_a_bad_path_and_writes_nothing(tmp_path, adapters, capsys):

@@ -82,6 +82,19 @@ def test_decision_compares_with_the_store_and_validates(tmp_path):
     assert logged and logged[0]["mergeprobe/retention_min"] == pytest.approx(0.97)
 
 
+def test_the_default_reads_a_finished_partner_at_its_end(tmp_path):
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)  # finished: has a final state
+    callback = _callback(tmp_path, "b")
+    _train(tmp_path, "b", callback, max_steps=12, rows=_classification_rows(seed=1))
+    records = read_log(tmp_path / "b.jsonl")
+    _validate(records)
+    (decision,) = [r for r in records if r["event"] == "decision"]
+    (pair,) = decision["pairs"]
+    assert pair["partner_state"] == "final state" and pair["predictors"] == "against finished"
+    assert decision["predictor"]["against_finished"]["trained_on"]["direct"] == 440
+    assert 0 < pair["retention_self"] <= 1 and 0 < pair["retention_other"] <= 1
+
+
 def test_incompatible_run_is_stopped_early(tmp_path):
     _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)
     predictor = _constant_predictor(tmp_path, 0.5)

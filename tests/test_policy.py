@@ -218,3 +218,96 @@ def test_plan_from_signals_the_signatures_do_not_carry():
             policy,
             signals={"names": ["a", "b", "c", "d"], "rehearsal_kl": kl},
         )
+
+
+def _norm_damage(c):
+    """A damage model on the partner-to-own update norm ratio: R = 1 - c * ratio, exactly."""
+    import numpy as np
+
+    from mergeprobe import RetentionPredictor
+
+    ratio = np.linspace(0.1, 3.0, 20)
+    predictor = RetentionPredictor(features=("update_norm_ratio",), model="damage")
+    return {"direct": predictor.fit({"update_norm_ratio": ratio}, 1.0 - c * ratio)}
+
+
+def _norm_signature(name, probes):
+    """A hand-built signature with one layer whose update norm is given per probe:
+    ``probes`` is [(kind, fraction, norm), ...]."""
+    import torch
+
+    from mergeprobe import Probe
+
+    from .test_compare import _signature, _update
+
+    signature = _signature(name, {})
+    signature.probes = [
+        Probe(step=int(f * 100), fraction=f, kind=kind, tensors=_update(torch.eye(8), norm))
+        for kind, f, norm in probes
+    ]
+    return signature
+
+
+def test_a_finished_partner_is_read_at_its_end_by_the_predictors_for_it():
+    from mergeprobe import predict_pairs
+
+    run = _norm_signature("run", [("probe", 0.05, 2.0)])
+    done = _norm_signature("done", [("probe", 0.05, 1.0), ("final", 1.0, 4.0)])
+    running = _norm_signature("running", [("probe", 0.05, 1.0)])
+    early, finished = _norm_damage(0.1), _norm_damage(0.05)
+
+    # default: the partner at the same fraction, one set of predictors
+    (pair,), (note,) = predict_pairs(run, [done], early)
+    assert note["partner_state"] == "probe at 0.050"
+    assert pair.retention_self["direct"] == pytest.approx(1 - 0.1 * 1 / 2)
+    assert pair.retention_other["direct"] == pytest.approx(1 - 0.1 * 2 / 1)
+
+    pairs, notes = predict_pairs(run, [done, running], early, against_finished=finished)
+    # the finished partner at its end (norm 4): this run by the predictors for that, the
+    # partner's own retention (its end against this run's horizon) by the early ones
+    assert notes[0]["partner_state"] == "final state"
+    assert notes[0]["predictors"] == "against finished"
+    assert pairs[0].retention_self["direct"] == pytest.approx(1 - 0.05 * 4 / 2)
+    assert pairs[0].retention_other["direct"] == pytest.approx(1 - 0.1 * 2 / 4)
+    low, high = pairs[0].interval["direct"]
+    assert low <= 1 - 0.05 * 4 / 2 <= high
+    # a partner still training: the same fraction and the early predictors, as before
+    assert notes[1]["partner_state"] == "probe at 0.050" and "predictors" not in notes[1]
+    assert pairs[1].retention_self["direct"] == pytest.approx(1 - 0.1 * 1 / 2)
+
+    with pytest.raises(InvalidParameterError, match="same"):
+        predict_pairs(run, [done], early, against_finished={"mean": finished["direct"]})
+
+
+def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predictors_for_it(
+    monkeypatch,
+):
+    import mergeprobe.predictor
+    from mergeprobe.policy import build_plan
+
+    shipped = {"early": _norm_damage(0.1), "early_vs_final": _norm_damage(0.05)}
+    monkeypatch.setattr(
+        mergeprobe.predictor,
+        "load_predictors",
+        lambda path=None, *, state="early": (shipped[state], {"trained_on": state}),
+    )
+    run = _norm_signature("run", [("probe", 0.05, 2.0)])
+    other_run = _norm_signature("other_run", [("probe", 0.05, 1.0)])
+    done = _norm_signature("done", [("final", 1.0, 4.0)])
+    plan = build_plan([run, other_run, done], policy=Policy(tau=0.5, methods=("direct",)))
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
+    assert table[("run", "done")] == pytest.approx(1 - 0.05 * 4 / 2)  # run beside finished
+    assert table[("other_run", "done")] == pytest.approx(1 - 0.05 * 4 / 1)
+    assert table[("done", "run")] == pytest.approx(1 - 0.1 * 2 / 4)  # the early ones
+    assert table[("run", "other_run")] == pytest.approx(1 - 0.1 * 1 / 2)
+    assert plan["predictor"]["name"] == "default (early)"
+    assert plan["predictor"]["against_finished"]["trained_on"] == "early_vs_final"
+    # every adapter finished: the final predictors alone, nothing against finished
+    shipped["final"] = _norm_damage(0.2)
+    finished = build_plan(
+        [done, _norm_signature("done2", [("final", 1.0, 2.0)])],
+        policy=Policy(tau=0.5, methods=("direct",)),
+    )
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in finished["pairs"]}
+    assert table[("done", "done2")] == pytest.approx(1 - 0.2 * 2 / 4)
+    assert "against_finished" not in finished["predictor"]

@@ -196,8 +196,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             Store entries to compare with at the horizon. Defaults to every other entry;
             incompatible ones (other base model or anchor set) are skipped with a reason.
         predictor (`str` or `os.PathLike`, *optional*):
-            A predictor file written by `save_predictors` / `mergeprobe.fit`. Defaults to
-            the one shipped with mergeprobe (fitted on its benchmark).
+            A predictor file written by `save_predictors` / `mergeprobe.fit`, used for
+            every partner. Defaults to the ones shipped with mergeprobe (fitted on its
+            benchmark): partners that finished training are read at their final state with
+            the predictors fitted for that, the others at this run's fraction.
         policy ([`Policy`] or `dict`, *optional*):
             Thresholds of the decision (a dict of `Policy` fields also works). Defaults to
             `Policy()`.
@@ -748,6 +750,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     def _decision_record(self) -> dict[str, Any]:
         """Compare this run with the store and decide (world process zero only)."""
         predictors, meta = load_predictors(self.predictor)
+        finished = None
+        if self.predictor is None:
+            finished, finished_meta = load_predictors(state="early_vs_final")
         policy = self.policy or Policy()
         names = self.compare_with
         if names is None:
@@ -758,7 +763,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 partners.append(self._store.load(name))
             except Exception as exc:  # a corrupt or vanished entry must not stop the decision
                 skipped.append({"with": name, "skipped": repr(exc)})
-        pairs, notes = predict_pairs(self.signature, partners, predictors)
+        pairs, notes = predict_pairs(
+            self.signature, partners, predictors, against_finished=finished
+        )
         decision = policy.decide(self.signature.name, pairs)
         method = decision.method or policy.methods[0]
         by_name = {n["with"]: n for n in notes}
@@ -778,6 +785,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 "name": str(self.predictor or "default"),
                 "version": meta.get("mergeprobe_version"),
                 "trained_on": meta.get("trained_on"),
+                **(
+                    {"against_finished": {"trained_on": finished_meta.get("trained_on")}}
+                    if finished is not None
+                    else {}
+                ),
             },
         }
 

@@ -140,18 +140,14 @@ def _plan(args: argparse.Namespace) -> int:
     if out.suffix != ".json":
         raise _CommandError(f"--out must end in .json; got {out}")
     signatures = [store.load(n) for n in names]
-    state = plan_state(signatures)
-    predictors, meta = load_predictors(args.predictor, state=state)
+    predictors, info = None, None
+    if args.predictor is not None:  # else build_plan picks the shipped ones per pair
+        predictors, meta = load_predictors(args.predictor, state=plan_state(signatures))
+        info = {"name": str(args.predictor), **meta}
     policy = Policy(
         tau=args.tau, prune_similarity=args.prune_similarity, methods=tuple(args.methods)
     )
-    plan = build_plan(
-        signatures,
-        predictors,
-        policy,
-        predictor_info={"name": str(args.predictor or f"default ({state})"), **meta},
-        progress=True,
-    )
+    plan = build_plan(signatures, predictors, policy, predictor_info=info, progress=True)
     _write_json(out, plan)
     print("\n".join(plan_table(plan)))
     print(f"\nplan written to {out}; carry it out with: mergeprobe apply {out} --out DIR")

@@ -382,7 +382,9 @@ def print_decisions(results: Sequence[RunResult]) -> None:
     """The decision each run's callback wrote at its horizon, as a table."""
     print(
         "\nDecisions at the horizon (each run against the runs already in the store; "
-        "R = predicted retention,\nself | partner, with the interval of self's):"
+        "R = predicted retention,\nself | partner, with the interval of self's; a partner that "
+        "finished training is read\nat its final state, one still training at the run's "
+        "fraction):"
     )
     records = [r for result in results for r in read_log(result.log_path)]
     for line in decisions_table(records):

@@ -338,8 +338,11 @@ class Policy:
         return decisions
 
 
-def _partner_probe(own_fraction: float | None, other) -> tuple[Any, str]:
-    """The partner's probe nearest before ``own_fraction`` (its last one if it has none)."""
+def _partner_probe(own_fraction: float | None, other, finished: bool = False) -> tuple[Any, str]:
+    """The partner's final state when ``finished`` and it has one; else its probe nearest
+    before ``own_fraction`` (its last one if it has none)."""
+    if finished and other.probes and other.probes[-1].kind == "final":
+        return other.probes[-1], "final state"
     early = [p for p in other.probes if p.kind == "probe" and p.fraction is not None]
     if own_fraction is not None and early:
         before = [p for p in early if p.fraction <= own_fraction + 1e-9]
@@ -366,34 +369,52 @@ def predict_pairs(
     partners: Sequence,
     predictors: Mapping[str, Any],
     probe=None,
+    *,
+    against_finished: Mapping[str, Any] | None = None,
 ) -> tuple[list[PairPrediction], list[dict[str, Any]]]:
     """Predictions of ``signature`` (at ``probe``, default its last) against each partner.
 
-    Returns the predictions and one note per pair (which partner state was used, layers
+    A partner is read at the same fraction of its training (its last state if it has no
+    probe that early). With ``against_finished`` (predictors fitted on a run against
+    finished partners, ``load_predictors(state="early_vs_final")``), a partner that finished
+    training is read at its final state and this run's retention beside it is predicted by
+    those instead (the partner's own retention still by ``predictors``). Returns the
+    predictions and one note per pair (which partner state and predictors were used, layers
     compared, and any partner skipped as incompatible).
     """
     from .exceptions import IncompatibleSignatureError
     from .signals.compare import pairwise_signals
 
+    if against_finished is not None and set(against_finished) != set(predictors):
+        raise InvalidParameterError(
+            f"against_finished covers the methods {sorted(against_finished)}, predictors "
+            f"{sorted(predictors)}; they must cover the same"
+        )
     probe = probe if probe is not None else signature.probes[-1]
     # Only the signals the predictors read (and the redundancy): the costly ones are most of
     # the time of a decision against a large store.
-    needed = _needed_signals(predictors.values())
+    needed = _needed_signals([*predictors.values(), *(against_finished or {}).values()])
     predictions, notes = [], []
     for other in partners:
         if other.name == signature.name:
             continue
         try:
-            other_probe, used = _partner_probe(probe.fraction, other)
+            other_probe, used = _partner_probe(probe.fraction, other, against_finished is not None)
             forward = pairwise_signals(signature, other, probe, other_probe, only=needed)
             backward = pairwise_signals(other, signature, other_probe, probe, only=needed)
         except IncompatibleSignatureError as exc:
             notes.append({"with": other.name, "skipped": str(exc)})
             continue
+        finished = against_finished is not None and used == "final state"
         retention_self, retention_other, interval = {}, {}, {}
         for method, predictor in predictors.items():
-            own, partner = (float(v) for v in predictor.predict([forward, backward]))
-            low, high = (float(v) for v in predictor.predict_interval([forward])[0])
+            # The finished partner merged with this run (its state against a run at its
+            # horizon) is closest to what the early predictors were fitted on: measured on the
+            # benchmark (benchmarks/predictor_eval.py).
+            forward_predictor = against_finished[method] if finished else predictor
+            own = float(forward_predictor.predict([forward])[0])
+            partner = float(predictor.predict([backward])[0])
+            low, high = (float(v) for v in forward_predictor.predict_interval([forward])[0])
             retention_self[method], retention_other[method] = own, partner
             interval[method] = (low, high)
         predictions.append(
@@ -409,6 +430,7 @@ def predict_pairs(
         note = {
             "with": other.name,
             "partner_state": used,
+            **({"predictors": "against finished"} if finished else {}),
             "shared_layers": int(forward["shared_layers"]),
             "layer_coverage": forward["layer_coverage"],
         }
@@ -501,6 +523,18 @@ def _signal_matrices(signatures: Sequence, needed: set[str], progress: bool):
     return matrices
 
 
+def _cells_by_predictor(predictor, finished_predictor, finished_cells, rows, cols):
+    """The compared cells ``(rows, cols)`` split between ``predictor`` and, for the cells
+    ``finished_cells`` marks (a run at its horizon beside a finished adapter),
+    ``finished_predictor``; empty parts left out."""
+    if finished_predictor is None or finished_cells is None:
+        parts = [(predictor, np.ones(rows.size, dtype=bool))]
+    else:
+        mask = finished_cells[rows, cols]
+        parts = [(predictor, ~mask), (finished_predictor, mask)]
+    return [(p, (rows[m], cols[m])) for p, m in parts if m.any()]
+
+
 def build_plan(
     signatures: Sequence,
     predictors: Mapping[str, Any] | None = None,
@@ -514,7 +548,8 @@ def build_plan(
     """A plan for a set of signatures: every pair predicted, adapters grouped (design §5).
 
     Each signature is compared at its last probe. Without ``predictors``, the shipped ones for
-    the signatures' state (``plan_state``). ``signals`` adds pairwise signals the signatures
+    the signatures' state (``plan_state``); a run at its horizon beside a finished adapter is
+    predicted by those fitted for that (``load_predictors(state="early_vs_final")``). ``signals`` adds pairwise signals the signatures
     do not carry, each an (n, n) array (row: the adapter, column: its partner) in the order of
     ``signatures``, or in the order of a ``"names"`` entry, as ``rehearsal_kl`` returns them;
     predictors that read them (e.g. fitted on ``rehearsal_kl``) then plan from them. Returns a JSON-ready document (schema
@@ -530,10 +565,20 @@ def build_plan(
     from .signature import check_compatible
 
     signatures = list(signatures)
+    finished_cells, against_finished = None, None
     if predictors is None:
         state = plan_state(signatures)
         predictors, meta = load_predictors(state=state)
         predictor_info = {"name": f"default ({state})", **meta, **(predictor_info or {})}
+        done = np.array([bool(s.probes) and s.probes[-1].kind == "final" for s in signatures])
+        if state == "early" and done.any():
+            # a run at its horizon beside a finished adapter: the predictors fitted for that
+            against_finished, extra = load_predictors(state="early_vs_final")
+            finished_cells = ~done[:, None] & done[None, :]
+            predictor_info["against_finished"] = {
+                "name": "default (early_vs_final)",
+                "trained_on": extra.get("trained_on"),
+            }
     policy = policy or Policy()
     methods = [m for m in policy.methods if m in predictors]
     if not methods:
@@ -548,7 +593,9 @@ def build_plan(
     n = len(names)
     include_pairs = n <= 200 if include_pairs is None else include_pairs
 
-    needed = _needed_signals(predictors[m] for m in methods)
+    needed = _needed_signals(
+        [*(predictors[m] for m in methods), *(against_finished or {}).values()]
+    )
     given = _given_signals(signals, names)
     matrices = _signal_matrices(signatures, needed - set(given), progress)
     matrices.update(given)
@@ -558,12 +605,14 @@ def build_plan(
     for method in methods:
         predictor = predictors[method]
         values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
-        if rows.size:
-            read = [*predictor.features, *(getattr(predictor, "fallback_features", None) or ())]
-            X = {f: matrices[f][rows, cols] for f in read}  # one column per signal
-            values[rows, cols] = predictor.predict(X)
-            interval = predictor.predict_interval(X)  # per row: a fallback has its own
-            lo[rows, cols], hi[rows, cols] = interval[:, 0], interval[:, 1]
+        for chosen, (r, c) in _cells_by_predictor(
+            predictor, (against_finished or {}).get(method), finished_cells, rows, cols
+        ):
+            read = [*chosen.features, *(getattr(chosen, "fallback_features", None) or ())]
+            X = {f: matrices[f][r, c] for f in read}  # one column per signal
+            values[r, c] = chosen.predict(X)
+            interval = chosen.predict_interval(X)  # per row: a fallback has its own
+            lo[r, c], hi[r, c] = interval[:, 0], interval[:, 1]
         retention[method], low[method], high[method] = values, lo, hi
     redundancy = matrices["drift_cosine"]
     decisions = policy.plan_matrix(names, retention, redundancy)

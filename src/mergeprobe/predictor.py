@@ -73,11 +73,13 @@ POWERS = tuple(round(0.2 + 0.05 * k, 2) for k in range(17))  # 0.2, 0.25, ..., 1
 _DAMAGE_FEATURES = _LOG_FEATURES | {"head_flip"}
 _DATA = Path(__file__).parent / "data"
 # The shipped predictors, by the state of the signals they read: runs at their horizon;
-# finished adapters (``mergeprobe add``), whose update and drift magnitudes are far larger than
-# at 5 % of a run; and finished adapters' merge rehearsal (``rehearsal_kl``, given to
-# ``build_plan(signals=...)``; benchmarks/rehearsal_eval.py --ship).
+# a run at its horizon against partners that finished training (their final state reaches
+# further than their horizon did); finished adapters (``mergeprobe add``), whose update and
+# drift magnitudes are far larger than at 5 % of a run; and finished adapters' merge rehearsal
+# (``rehearsal_kl``, given to ``build_plan(signals=...)``; benchmarks/rehearsal_eval.py --ship).
 _DEFAULT_PATHS = {
     "early": _DATA / "default_predictors.skops",
+    "early_vs_final": _DATA / "default_predictors_early_vs_final.skops",
     "final": _DATA / "default_predictors_final.skops",
     "rehearsal": _DATA / "default_predictors_rehearsal.skops",
 }
@@ -444,8 +446,10 @@ def load_predictors(
     path: str | os.PathLike | None = None, *, state: str = "early"
 ) -> tuple[dict[str, RetentionPredictor], dict[str, Any]]:
     """Predictors and their metadata from a skops file (default: the one shipped for
-    ``state``: ``"early"`` signals of runs at their horizon, ``"final"`` adapters, or
-    ``"rehearsal"``: finished adapters' ``rehearsal_kl``, passed to ``build_plan(signals=...)``).
+    ``state``: ``"early"`` signals of runs at their horizon, ``"early_vs_final"`` a run at its
+    horizon against finished partners (``predict_pairs(against_finished=...)``), ``"final"``
+    adapters, or ``"rehearsal"``: finished adapters' ``rehearsal_kl``, passed to
+    ``build_plan(signals=...)``).
 
     Refuses a pickle file and any object type outside scikit-learn, numpy and mergeprobe's
     predictor: a predictor may come from someone else.

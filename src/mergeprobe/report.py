@@ -59,18 +59,19 @@ def decisions_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
         return ["(no decision record)"]
     lines = [
         f"{'run':<20} {'decision':<9} {'step':>6} {'partner':<20} {'R self':>7} "
-        f"{'R partner':>9}  interval"
+        f"{'R partner':>9}  {'interval':<16} partner read at"
     ]
     for run, record in latest.items():
         pairs = record.get("pairs") or [{}]
         for k, pair in enumerate(pairs):
             first = k == 0
-            lines.append(
+            row = (
                 f"{run if first else '':<20} {record.get('decision', '') if first else '':<9} "
                 f"{str(record.get('step', '')) if first else '':>6} {pair.get('with', '—'):<20} "
                 f"{_fmt(pair.get('retention_self')):>7} {_fmt(pair.get('retention_other')):>9}  "
-                f"{_span(pair.get('interval'))}"
+                f"{_span(pair.get('interval')):<16} {pair.get('partner_state', '')}"
             )
+            lines.append(row.rstrip())
         for reason in record.get("reasons") or []:
             lines.append(f"{'':<20} reason: {reason}")
         if run in stopped:
