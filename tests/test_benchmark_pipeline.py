@@ -446,3 +446,40 @@ def test_rehearsal_evaluation_reproduces_the_early_runs(five_task_setup):
         plan_eval.main([*arguments[:4], "--features", "no_such_signal"])
     with pytest.raises(SystemExit):
         rehearsal_eval.main([*arguments, "--fraction", "0.3"])
+
+
+def test_decision_evaluation_scores_each_run_against_its_finished_partners(five_task_setup):
+    from benchmarks import decision_eval
+
+    cfg, root, results = five_task_setup
+    out = root / "out"
+    arguments = ["--results", str(out), "--features", "interference_ratio", "--tau", "0.9"]
+    assert decision_eval.main(arguments) == 0
+    report = json.loads((out / "decision_eval.json").read_text())["taus"]["0.9"]
+    with (out / "pairs.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["same_task"] == "False"]
+    measured = {
+        (r["self"], r["other"], m): float(r[f"retention_ratio_{m}"])
+        for r in rows
+        for m in ("direct", "mean", "ties", "dare")
+    }
+    # by hand: the measured pairs route a run when no partner keeps both sides >= tau under
+    # any method
+    oracle = report["measured pairs"]
+    for run in {r["self"] for r in rows}:
+        partners = {r["other"] for r in rows if r["self"] == run}
+        fits = any(
+            min(measured[(run, p, m)], measured[(p, run, m)]) >= 0.9
+            for p in partners
+            for m in ("direct", "mean", "ties", "dare")
+        )
+        assert (oracle["decisions"][run] != "route") == fits, run
+    assert oracle["stops_wrong"] == oracle["stops_missed"] == 0
+    assert oracle["named_ok"] == oracle["named"]
+    assert all(v >= 0.9 for v in oracle["first_partner"])
+    for reading in ("finished partners at their end", "partners at their 5 % probe"):
+        row = report[reading]
+        assert row["merge"] + row["reweight"] + row["route"] == 5
+        assert row["stops_right"] + row["stops_wrong"] == row["route"]
+        assert 0 <= row["named_ok"] <= row["named"]
+    assert "| 0.9 | finished partners at their end |" in (out / "decision_eval.md").read_text()
