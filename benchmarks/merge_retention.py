@@ -639,25 +639,17 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
                 continue
             pick_i = sig_i.probe(kind="final") if fraction is None else sig_i.probe(fraction)
             pick_j = sig_j.probe(kind="final") if fraction is None else sig_j.probe(fraction)
-            features = pairwise_signals(sig_i, sig_j, pick_i, pick_j)
+            features = _kept(pairwise_signals(sig_i, sig_j, pick_i, pick_j))
             tag = "final" if fraction is None else f"p{probe.split('.')[1].ljust(2, '0')}"
-            row.update(
-                {f"{tag}_{k}": v for k, v in features.items() if not k.startswith("fraction")}
-            )
+            row.update({f"{tag}_{k}": v for k, v in features.items()})
             finished = sig_i.probes[-1].kind == sig_j.probes[-1].kind == "final"
             if probe in AGAINST_FINISHED and finished:
                 for mixed, (a, b) in (
                     (f"{tag}f", (pick_i, sig_j.probes[-1])),
                     (f"f{tag[1:]}", (sig_i.probes[-1], pick_j)),
                 ):
-                    features = pairwise_signals(sig_i, sig_j, a, b)
-                    row.update(
-                        {
-                            f"{mixed}_{k}": v
-                            for k, v in features.items()
-                            if not k.startswith("fraction")
-                        }
-                    )
+                    features = _kept(pairwise_signals(sig_i, sig_j, a, b))
+                    row.update({f"{mixed}_{k}": v for k, v in features.items()})
         pair_rows.append(row)
 
     adapter_rows = [
@@ -684,6 +676,16 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
 
 
 # -- results -----------------------------------------------------------------------------------
+
+
+def _kept(features: dict[str, Any]) -> dict[str, Any]:
+    """The pair table's signals: not the fractions, nor head signals the signatures lack
+    (signatures recorded without the task head; head_signal_eval.py measures them)."""
+    return {
+        k: v
+        for k, v in features.items()
+        if not k.startswith("fraction") and not (k.startswith("head_") and math.isnan(v))
+    }
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -114,6 +114,7 @@ def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
 def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float]]:
     """Seconds to load ``n`` store entries, and to predict against them and decide."""
     predictors, _ = load_predictors()
+    finished, _ = load_predictors(state="early_vs_final")  # as the callback loads them
     rows = []
     for n in sizes:
         store = SignatureStore(tmp / f"decision{n}")
@@ -122,7 +123,7 @@ def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float]
         start = time.perf_counter()
         partners = [store.load(name) for name in store.names()]
         loaded = time.perf_counter()
-        pairs, _ = predict_pairs(signature, partners, predictors)
+        pairs, _ = predict_pairs(signature, partners, predictors, against_finished=finished)
         Policy().decide(signature.name, pairs)
         rows.append((n, loaded - start, time.perf_counter() - loaded))
         print(f"decision against {n} entries: {rows[-1][1] + rows[-1][2]:.2f} s")

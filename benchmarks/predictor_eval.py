@@ -378,10 +378,13 @@ def main(argv=None) -> int:
     m5, _, pred5 = results[(chosen_model, "p05")]
     if chosen_model == "damage" and args.power == "auto":
         # The honest figure for a power learned from the data: refitted inside every fold.
-        pred = loto(frame, cols("p05", features), y, "damage", power="auto")
-        m, ci = metrics(pred, y), bootstrap(pred, y)
-        out["power_refitted_p05"] = {**m, "ci": ci}
-        lines.append(f"| damage, power refitted in every fold | p05 | {fmt(m, ci)} |")
+        for prefix in ("p05", "p05f"):
+            if not cols(prefix, features):
+                continue
+            pred = loto(frame, cols(prefix, features), y, "damage", power="auto")
+            m, ci = metrics(pred, y), bootstrap(pred, y)
+            out[f"power_refitted_{prefix}"] = {**m, "ci": ci}
+            lines.append(f"| damage, power refitted in every fold | {prefix} | {fmt(m, ci)} |")
     # nulls at 5 %
     shuffled = [
         metrics(

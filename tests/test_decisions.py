@@ -75,7 +75,9 @@ def test_decision_compares_with_the_store_and_validates(tmp_path):
     assert pair["retention_other"] == pytest.approx(0.97)
     lo, hi = pair["interval"]
     assert lo - 1e-9 <= 0.97 <= hi + 1e-9
-    assert pair["partner_state"].startswith("probe at")  # a's early probe, not its end
+    # a predictor of one's own: a's early probe, not its end, and nothing switched
+    assert pair["partner_state"].startswith("probe at") and "predictors" not in pair
+    assert "against_finished" not in decision["predictor"]
     assert decision["set"]["members"] == ["b", "a"]
     assert callback.decision["decision"] == "merge"
     logged = [h for h in trainer.state.log_history if "mergeprobe/retention_min" in h]
@@ -91,7 +93,7 @@ def test_the_default_reads_a_finished_partner_at_its_end(tmp_path):
     (decision,) = [r for r in records if r["event"] == "decision"]
     (pair,) = decision["pairs"]
     assert pair["partner_state"] == "final state" and pair["predictors"] == "against finished"
-    assert decision["predictor"]["against_finished"]["trained_on"]["direct"] == 440
+    assert decision["predictor"]["against_finished"]["trained_on"]["direct"] > 0
     assert 0 < pair["retention_self"] <= 1 and 0 < pair["retention_other"] <= 1
 
 
@@ -141,6 +143,12 @@ def test_schema_rejects_a_malformed_decision():
     with pytest.raises(jsonschema.ValidationError):
         _validate([record])
     record["decision"] = "merge"
+    _validate([record])
+    pair = {"with": "a", "retention_self": 0.9, "retention_other": 0.9, "interval": [0.8, 1.0]}
+    record["pairs"] = [{**pair, "predictors": "guessed"}]
+    with pytest.raises(jsonschema.ValidationError):
+        _validate([record])
+    record["pairs"] = [{**pair, "predictors": "against finished"}]
     _validate([record])
 
 

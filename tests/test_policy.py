@@ -275,7 +275,27 @@ def test_a_finished_partner_is_read_at_its_end_by_the_predictors_for_it():
     assert notes[1]["partner_state"] == "probe at 0.050" and "predictors" not in notes[1]
     assert pairs[1].retention_self["direct"] == pytest.approx(1 - 0.1 * 1 / 2)
 
-    with pytest.raises(InvalidParameterError, match="same"):
+    # a partner stopped at its horizon (its final state at 5 %) is read like a run there
+    stopped = _norm_signature("stopped", [("probe", 0.05, 1.0), ("final", 0.05, 1.0)])
+    (pair,), (note,) = predict_pairs(run, [stopped], early, against_finished=finished)
+    assert note["partner_state"] == "probe at 0.050" and "predictors" not in note
+    assert pair.retention_self["direct"] == pytest.approx(1 - 0.1 * 1 / 2)
+    # a finished adapter beside finished ones: the caller's predictors, nothing switched
+    (pair,), (note,) = predict_pairs(
+        done,
+        [done.__class__("other", done.metadata, done.probes)],
+        early,
+        against_finished=finished,
+    )
+    assert "predictors" not in note and pair.retention_self["direct"] == pytest.approx(0.9)
+    # a partner without probes is skipped with a reason, the others are still predicted
+    empty = _norm_signature("empty", [])
+    pairs, notes = predict_pairs(run, [empty, done], early, against_finished=finished)
+    assert [p.other for p in pairs] == ["done"] and "no probe" in notes[0]["skipped"]
+    # against_finished may cover more methods, not fewer
+    more = {**finished, "mean": finished["direct"]}
+    assert predict_pairs(run, [done], early, against_finished=more)[0]
+    with pytest.raises(InvalidParameterError, match="every method"):
         predict_pairs(run, [done], early, against_finished={"mean": finished["direct"]})
 
 
@@ -285,7 +305,11 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
     import mergeprobe.predictor
     from mergeprobe.policy import build_plan
 
-    shipped = {"early": _norm_damage(0.1), "early_vs_final": _norm_damage(0.05)}
+    shipped = {
+        "early": _norm_damage(0.1),
+        "early_vs_final": _norm_damage(0.05),
+        "final": _norm_damage(0.2),
+    }
     monkeypatch.setattr(
         mergeprobe.predictor,
         "load_predictors",
@@ -294,20 +318,28 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
     run = _norm_signature("run", [("probe", 0.05, 2.0)])
     other_run = _norm_signature("other_run", [("probe", 0.05, 1.0)])
     done = _norm_signature("done", [("final", 1.0, 4.0)])
-    plan = build_plan([run, other_run, done], policy=Policy(tau=0.5, methods=("direct",)))
+    done2 = _norm_signature("done2", [("final", 1.0, 2.0)])
+    stopped = _norm_signature("stopped", [("probe", 0.05, 1.0), ("final", 0.05, 1.0)])
+    policy = Policy(tau=0.1, methods=("direct",))
+    plan = build_plan([run, other_run, done, done2, stopped], policy=policy)
     table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
     assert table[("run", "done")] == pytest.approx(1 - 0.05 * 4 / 2)  # run beside finished
     assert table[("other_run", "done")] == pytest.approx(1 - 0.05 * 4 / 1)
     assert table[("done", "run")] == pytest.approx(1 - 0.1 * 2 / 4)  # the early ones
     assert table[("run", "other_run")] == pytest.approx(1 - 0.1 * 1 / 2)
+    assert table[("done", "done2")] == pytest.approx(1 - 0.2 * 2 / 4)  # both finished: final
+    assert table[("run", "stopped")] == pytest.approx(1 - 0.1 * 1 / 2)  # stopped at 5 %: early
     assert plan["predictor"]["name"] == "default (early)"
-    assert plan["predictor"]["against_finished"]["trained_on"] == "early_vs_final"
-    # every adapter finished: the final predictors alone, nothing against finished
-    shipped["final"] = _norm_damage(0.2)
-    finished = build_plan(
-        [done, _norm_signature("done2", [("final", 1.0, 2.0)])],
-        policy=Policy(tau=0.5, methods=("direct",)),
-    )
+    assert plan["predictor"]["early_vs_final"]["trained_on"] == "early_vs_final"
+    assert plan["predictor"]["final"]["trained_on"] == "final"
+    # every adapter finished: the final predictors alone
+    finished = build_plan([done, done2], policy=policy)
     table = {(p["self"], p["other"]): p["retention"]["direct"] for p in finished["pairs"]}
     assert table[("done", "done2")] == pytest.approx(1 - 0.2 * 2 / 4)
-    assert "against_finished" not in finished["predictor"]
+    assert finished["predictor"]["name"] == "default (final)"
+    assert "early_vs_final" not in finished["predictor"]
+    # predictors of one's own: used for every pair
+    mine = build_plan([run, done], _norm_damage(0.3), policy)
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in mine["pairs"]}
+    assert table[("run", "done")] == pytest.approx(1 - 0.3 * 4 / 2)
+    assert "early_vs_final" not in mine["predictor"]

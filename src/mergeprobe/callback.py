@@ -197,7 +197,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             incompatible ones (other base model or anchor set) are skipped with a reason.
         predictor (`str` or `os.PathLike`, *optional*):
             A predictor file written by `save_predictors` / `mergeprobe.fit`, used for
-            every partner. Defaults to the ones shipped with mergeprobe (fitted on its
+            every partner, each read at this run's fraction (at its last state if it has no
+            probe that early). Defaults to the ones shipped with mergeprobe (fitted on its
             benchmark): partners that finished training are read at their final state with
             the predictors fitted for that, the others at this run's fraction.
         policy ([`Policy`] or `dict`, *optional*):

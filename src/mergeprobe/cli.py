@@ -2,6 +2,7 @@
 
     mergeprobe add ADAPTER... --store S [--base MODEL]
     mergeprobe plan --store S [--names A B ...] [--tau 0.9] --out plan.json
+        [--inputs NAME=PATH ...]   (rehearse the merges on each adapter's own inputs)
     mergeprobe apply plan.json --out DIR [--base MODEL] [--adapter NAME=PATH ...] [--rank R]
     mergeprobe report LOG_OR_PLAN [--plot heatmap.png]
     mergeprobe fit PAIRS.jsonl --out predictors.skops [--model ridge] [--features a b ...]
@@ -28,6 +29,16 @@ _EXIT_USAGE, _EXIT_ERROR = 2, 1
 
 class _CommandError(Exception):
     """Bad input a user can fix; printed as one line, exit status 1."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
+    return value
 
 
 def _power(text: str) -> float | str:
@@ -120,8 +131,134 @@ def _write_json(path: Path, document) -> None:
     atomic_write(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
+def _name_paths(items: Sequence[str] | None, option: str) -> dict[str, str]:
+    """``NAME=PATH`` arguments as a mapping; a malformed or repeated name is refused."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise _CommandError(f"{option} takes NAME=PATH; got {item!r}")
+        if name in out:
+            raise _CommandError(f"{option} names {name} twice")
+        out[name] = path
+    return out
+
+
+def _read_inputs(path: Path, limit: int) -> list[dict]:
+    """The first ``limit`` rows of a JSONL of inputs, each with ``text`` or ``input_ids``."""
+    if not path.is_file():
+        raise _CommandError(f"inputs {path} not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
+            ids = row.get("input_ids") if isinstance(row, dict) else None
+            text = row.get("text") if isinstance(row, dict) else None
+            if not (isinstance(text, str) and text) and not (
+                isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)
+            ):
+                raise _CommandError(
+                    f"{path}:{number} needs a non-empty 'text' string or an 'input_ids' list "
+                    "of integers"
+                )
+            rows.append(row)
+            if len(rows) == limit:
+                break
+    if not rows:
+        raise _CommandError(f"{path} has no inputs")
+    return rows
+
+
+def _input_batches(rows: list[dict], tokenizer, batch_size: int, max_length: int) -> list:
+    """Padded ``input_ids`` / ``attention_mask`` batches: texts through the tokenizer, token
+    ids as given (cut to ``max_length``)."""
+    import torch
+
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids = [
+            row["input_ids"][:max_length]
+            if "input_ids" in row
+            else tokenizer(row["text"], truncation=True, max_length=max_length)["input_ids"]
+            for row in chunk
+        ]
+        pad = getattr(tokenizer, "pad_token_id", None) or 0
+        width = max(len(i) for i in ids)
+        batches.append(
+            {
+                "input_ids": torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
+                "attention_mask": torch.tensor(
+                    [[1] * len(i) + [0] * (width - len(i)) for i in ids]
+                ),
+            }
+        )
+    return batches
+
+
+def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]) -> dict:
+    """``rehearsal_kl`` of the signatures' adapters, each on the inputs given for it."""
+    import transformers
+
+    from .adapters import AUTO_CLASS_BY_TASK
+    from .policy import _adapter_entry
+    from .signals.rehearsal import rehearsal_kl
+
+    names = [s.name for s in signatures]
+    unknown = sorted(set(inputs) - set(names))
+    if unknown:
+        raise _CommandError(f"--inputs names adapters not planned: {', '.join(unknown)}")
+    given = _name_paths(args.adapter, "--adapter")
+    adapters = {}
+    for signature in signatures:
+        path = given.get(signature.name) or _adapter_entry(signature)["path"]
+        if not path or not (Path(path) / "adapter_config.json").is_file():
+            raise _CommandError(
+                f"no adapter directory for {signature.name} (recorded: {path}); give it with "
+                f"--adapter {signature.name}=PATH"
+            )
+        adapters[signature.name] = path
+    bases = {(s.metadata.get("base_model") or {}).get("name_or_path") for s in signatures} - {None}
+    base = args.base or (bases.pop() if len(bases) == 1 else None)
+    if base is None:
+        raise _CommandError(
+            f"the signatures name {len(bases)} base models ({sorted(bases)}); give one with --base"
+        )
+    tasks = {str((s.metadata.get("adapter") or {}).get("task_type") or "") for s in signatures}
+    task = tasks.pop() if len(tasks) == 1 else ""
+    auto = getattr(transformers, AUTO_CLASS_BY_TASK.get(task.rsplit(".", 1)[-1], "AutoModel"))
+    rows = {name: _read_inputs(Path(path), args.max_inputs) for name, path in inputs.items()}
+    tokenizer = None
+    if any("input_ids" not in row for r in rows.values() for row in r):
+        from .probe import _load_tokenizer
+
+        tokenizer = _load_tokenizer(str(base))  # refuses a folder without tokenizer files
+        if tokenizer is None:
+            raise _CommandError(
+                f"no tokenizer for {base} to read the 'text' inputs; give 'input_ids' instead"
+            )
+    batches = {
+        name: _input_batches(r, tokenizer, args.batch_size, args.max_length)
+        for name, r in rows.items()
+    }
+    missing = [n for n in names if n not in batches]
+    if missing:
+        print(
+            f"no --inputs for {', '.join(missing)}: rehearsed only as partners; their own "
+            "retention is predicted from a typical rehearsal (the predictor's training median)"
+        )
+    print(f"rehearsing {len(batches)} adapter(s) against {len(names) - 1} partner(s) each ...")
+    model = auto.from_pretrained(base)
+    return rehearsal_kl(model, adapters, batches, progress=True)
+
+
 def _plan(args: argparse.Namespace) -> int:
-    from .policy import Policy, build_plan, plan_state
+    from .policy import Policy, build_plan
     from .predictor import load_predictors
     from .report import plan_table
     from .store import SignatureStore
@@ -140,14 +277,23 @@ def _plan(args: argparse.Namespace) -> int:
     if out.suffix != ".json":
         raise _CommandError(f"--out must end in .json; got {out}")
     signatures = [store.load(n) for n in names]
-    predictors, info = None, None
-    if args.predictor is not None:  # else build_plan picks the shipped ones per pair
-        predictors, meta = load_predictors(args.predictor, state=plan_state(signatures))
+    inputs = _name_paths(args.inputs, "--inputs")
+    if args.adapter and not inputs:
+        raise _CommandError("--adapter is used only with --inputs (the merge rehearsal)")
+    predictors, info, signals = None, None, None
+    if inputs:
+        signals = _rehearse(args, signatures, inputs)
+        predictors, meta = load_predictors(args.predictor, state="rehearsal")
+        info = {"name": str(args.predictor or "default (rehearsal)"), **meta}
+    elif args.predictor is not None:  # else build_plan picks the shipped ones per pair
+        predictors, meta = load_predictors(args.predictor)
         info = {"name": str(args.predictor), **meta}
     policy = Policy(
         tau=args.tau, prune_similarity=args.prune_similarity, methods=tuple(args.methods)
     )
-    plan = build_plan(signatures, predictors, policy, predictor_info=info, progress=True)
+    plan = build_plan(
+        signatures, predictors, policy, predictor_info=info, progress=True, signals=signals
+    )
     _write_json(out, plan)
     print("\n".join(plan_table(plan)))
     print(f"\nplan written to {out}; carry it out with: mergeprobe apply {out} --out DIR")
@@ -318,6 +464,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--predictor", help="predictor file (.skops; default: the shipped one)")
     plan.add_argument("--out", required=True, help="plan file to write (.json)")
+    rehearse = plan.add_argument_group(
+        "merge rehearsal (finished adapters)",
+        "With --inputs, every merge of two adapters is rehearsed on the first adapter's own "
+        "inputs (the KL between its predictions alone and merged, mergeprobe.rehearsal_kl) "
+        "and the plan is built from the shipped rehearsal predictors (or --predictor): far "
+        "better than the signatures alone on the benchmark (leave-one-task-out Spearman "
+        "0.72 against 0.42). Needs the adapters' weights and the base model.",
+    )
+    rehearse.add_argument(
+        "--inputs",
+        action="append",
+        metavar="NAME=PATH",
+        help="a JSONL of adapter NAME's own inputs, one per line with 'text' (tokenized by "
+        "the base model's tokenizer) or 'input_ids'; repeat for each adapter",
+    )
+    rehearse.add_argument(
+        "--max-inputs",
+        type=_positive_int,
+        default=128,
+        help="inputs read per adapter (default: 128, what the benchmark measured)",
+    )
+    rehearse.add_argument("--batch-size", type=_positive_int, default=16, help="default: 16")
+    rehearse.add_argument(
+        "--max-length", type=_positive_int, default=128, help="tokens per input (default: 128)"
+    )
+    rehearse.add_argument(
+        "--base", help="base model path or name (default: the one the signatures record)"
+    )
+    rehearse.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=PATH",
+        help="adapter directory of NAME (default: the path its signature records)",
+    )
     plan.set_defaults(handler=_plan)
 
     apply = commands.add_parser(

@@ -338,10 +338,28 @@ class Policy:
         return decisions
 
 
+# A final state earlier than this (a run stopped early, e.g. by on_incompatible="stop") is
+# read like a run at its horizon: the finished-partner predictors were fitted on partners
+# that trained to the end, whose updates are far larger.
+FINISHED_FRACTION = 0.5
+
+
+def _finished(signature) -> bool:
+    """Whether ``signature``'s last state is an adapter that trained (most of) its course."""
+    if not signature.probes:
+        return False
+    last = signature.probes[-1]
+    return last.kind == "final" and (last.fraction is None or last.fraction >= FINISHED_FRACTION)
+
+
 def _partner_probe(own_fraction: float | None, other, finished: bool = False) -> tuple[Any, str]:
-    """The partner's final state when ``finished`` and it has one; else its probe nearest
-    before ``own_fraction`` (its last one if it has none)."""
-    if finished and other.probes and other.probes[-1].kind == "final":
+    """The partner's final state when ``finished`` and it finished training; else its probe
+    nearest before ``own_fraction`` (its last one if it has none)."""
+    from .exceptions import IncompatibleSignatureError
+
+    if not other.probes:
+        raise IncompatibleSignatureError(f"signature {other.name!r} has no probe to compare")
+    if finished and _finished(other):
         return other.probes[-1], "final state"
     early = [p for p in other.probes if p.kind == "probe" and p.fraction is not None]
     if own_fraction is not None and early:
@@ -385,12 +403,15 @@ def predict_pairs(
     from .exceptions import IncompatibleSignatureError
     from .signals.compare import pairwise_signals
 
-    if against_finished is not None and set(against_finished) != set(predictors):
+    if against_finished is not None and not set(predictors) <= set(against_finished):
         raise InvalidParameterError(
             f"against_finished covers the methods {sorted(against_finished)}, predictors "
-            f"{sorted(predictors)}; they must cover the same"
+            f"{sorted(predictors)}; it must cover every method of predictors"
         )
     probe = probe if probe is not None else signature.probes[-1]
+    # The finished-partner predictors are for a run in training; a finished adapter beside
+    # finished ones is the caller's choice of predictors (the final set).
+    reading_finished = against_finished is not None and probe.kind != "final"
     # Only the signals the predictors read (and the redundancy): the costly ones are most of
     # the time of a decision against a large store.
     needed = _needed_signals([*predictors.values(), *(against_finished or {}).values()])
@@ -399,21 +420,25 @@ def predict_pairs(
         if other.name == signature.name:
             continue
         try:
-            other_probe, used = _partner_probe(probe.fraction, other, against_finished is not None)
+            finished = reading_finished and _finished(other)
+            other_probe, used = _partner_probe(probe.fraction, other, finished)
             forward = pairwise_signals(signature, other, probe, other_probe, only=needed)
             backward = pairwise_signals(other, signature, other_probe, probe, only=needed)
         except IncompatibleSignatureError as exc:
             notes.append({"with": other.name, "skipped": str(exc)})
             continue
-        finished = against_finished is not None and used == "final state"
         retention_self, retention_other, interval = {}, {}, {}
         for method, predictor in predictors.items():
-            # The finished partner merged with this run (its state against a run at its
-            # horizon) is closest to what the early predictors were fitted on: measured on the
-            # benchmark (benchmarks/predictor_eval.py).
-            forward_predictor = against_finished[method] if finished else predictor
-            own = float(forward_predictor.predict([forward])[0])
-            partner = float(predictor.predict([backward])[0])
+            if finished:
+                # The finished partner beside this run (its end against a run at its horizon)
+                # is closest to what the early predictors were fitted on (the partner-states
+                # table of benchmarks/results/predictor_eval.md).
+                forward_predictor = against_finished[method]
+                own = float(forward_predictor.predict([forward])[0])
+                partner = float(predictor.predict([backward])[0])
+            else:
+                forward_predictor = predictor
+                own, partner = (float(v) for v in predictor.predict([forward, backward]))
             low, high = (float(v) for v in forward_predictor.predict_interval([forward])[0])
             retention_self[method], retention_other[method] = own, partner
             interval[method] = (low, high)
@@ -523,15 +548,15 @@ def _signal_matrices(signatures: Sequence, needed: set[str], progress: bool):
     return matrices
 
 
-def _cells_by_predictor(predictor, finished_predictor, finished_cells, rows, cols):
-    """The compared cells ``(rows, cols)`` split between ``predictor`` and, for the cells
-    ``finished_cells`` marks (a run at its horizon beside a finished adapter),
-    ``finished_predictor``; empty parts left out."""
-    if finished_predictor is None or finished_cells is None:
-        parts = [(predictor, np.ones(rows.size, dtype=bool))]
-    else:
-        mask = finished_cells[rows, cols]
-        parts = [(predictor, ~mask), (finished_predictor, mask)]
+def _cells_by_predictor(choices, rows, cols):
+    """The compared cells ``(rows, cols)`` split between predictors: ``choices`` is a list
+    of (predictor, (n, n) mask or None for every other cell); empty parts left out."""
+    taken = np.zeros(rows.size, dtype=bool)
+    parts = []
+    for predictor, mask in choices:
+        here = ~taken if mask is None else mask[rows, cols] & ~taken
+        taken |= here
+        parts.append((predictor, here))
     return [(p, (rows[m], cols[m])) for p, m in parts if m.any()]
 
 
@@ -548,11 +573,13 @@ def build_plan(
     """A plan for a set of signatures: every pair predicted, adapters grouped (design §5).
 
     Each signature is compared at its last probe. Without ``predictors``, the shipped ones for
-    the signatures' state (``plan_state``); a run at its horizon beside a finished adapter is
-    predicted by those fitted for that (``load_predictors(state="early_vs_final")``). ``signals`` adds pairwise signals the signatures
-    do not carry, each an (n, n) array (row: the adapter, column: its partner) in the order of
-    ``signatures``, or in the order of a ``"names"`` entry, as ``rehearsal_kl`` returns them;
-    predictors that read them (e.g. fitted on ``rehearsal_kl``) then plan from them. Returns a JSON-ready document (schema
+    the signatures' state (``plan_state``); in a store of runs and finished adapters, a run
+    beside a finished adapter is predicted by the set fitted for that
+    (``load_predictors(state="early_vs_final")``) and two finished adapters by the final set.
+    ``signals`` adds pairwise signals the signatures do not carry, each an (n, n) array (row:
+    the adapter, column: its partner) in the order of ``signatures``, or in the order of a
+    ``"names"`` entry, as ``rehearsal_kl`` returns them; predictors that read them (e.g.
+    fitted on ``rehearsal_kl``) then plan from them. Returns a JSON-ready document (schema
     ``mergeprobe.plan/1``) that ``mergeprobe apply`` carries out: ``served`` models (merged
     groups with method, weights and each member's predicted set retention with its interval,
     and routed adapters), ``pruned`` adapters and the model that serves them, the predicted
@@ -565,20 +592,26 @@ def build_plan(
     from .signature import check_compatible
 
     signatures = list(signatures)
-    finished_cells, against_finished = None, None
+    others: list[tuple[dict[str, Any], np.ndarray]] = []  # (predictors, cells they predict)
     if predictors is None:
         state = plan_state(signatures)
         predictors, meta = load_predictors(state=state)
         predictor_info = {"name": f"default ({state})", **meta, **(predictor_info or {})}
-        done = np.array([bool(s.probes) and s.probes[-1].kind == "final" for s in signatures])
+        done = np.array([_finished(s) for s in signatures])
         if state == "early" and done.any():
-            # a run at its horizon beside a finished adapter: the predictors fitted for that
-            against_finished, extra = load_predictors(state="early_vs_final")
-            finished_cells = ~done[:, None] & done[None, :]
-            predictor_info["against_finished"] = {
-                "name": "default (early_vs_final)",
-                "trained_on": extra.get("trained_on"),
-            }
+            # Each pair by the set fitted for its states: a run beside a finished adapter,
+            # two finished adapters; the rest (a finished adapter beside a run) by the 5 % set.
+            for other_state, cells in (
+                ("early_vs_final", ~done[:, None] & done[None, :]),
+                ("final", done[:, None] & done[None, :]),
+            ):
+                if cells.any():
+                    extra_predictors, extra = load_predictors(state=other_state)
+                    others.append((extra_predictors, cells))
+                    predictor_info[other_state] = {
+                        "name": f"default ({other_state})",
+                        "trained_on": extra.get("trained_on"),
+                    }
     policy = policy or Policy()
     methods = [m for m in policy.methods if m in predictors]
     if not methods:
@@ -594,7 +627,7 @@ def build_plan(
     include_pairs = n <= 200 if include_pairs is None else include_pairs
 
     needed = _needed_signals(
-        [*(predictors[m] for m in methods), *(against_finished or {}).values()]
+        [*(predictors[m] for m in methods), *(p for extra, _ in others for p in extra.values())]
     )
     given = _given_signals(signals, names)
     matrices = _signal_matrices(signatures, needed - set(given), progress)
@@ -605,9 +638,8 @@ def build_plan(
     for method in methods:
         predictor = predictors[method]
         values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
-        for chosen, (r, c) in _cells_by_predictor(
-            predictor, (against_finished or {}).get(method), finished_cells, rows, cols
-        ):
+        choices = [(extra[method], cells) for extra, cells in others if method in extra]
+        for chosen, (r, c) in _cells_by_predictor([*choices, (predictor, None)], rows, cols):
             read = [*chosen.features, *(getattr(chosen, "fallback_features", None) or ())]
             X = {f: matrices[f][r, c] for f in read}  # one column per signal
             values[r, c] = chosen.predict(X)

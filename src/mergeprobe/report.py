@@ -59,7 +59,7 @@ def decisions_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
         return ["(no decision record)"]
     lines = [
         f"{'run':<20} {'decision':<9} {'step':>6} {'partner':<20} {'R self':>7} "
-        f"{'R partner':>9}  {'interval':<16} partner read at"
+        f"{'R partner':>9}  {'interval':<16} partner state"
     ]
     for run, record in latest.items():
         pairs = record.get("pairs") or [{}]
