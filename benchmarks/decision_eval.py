@@ -85,11 +85,15 @@ def fold_predictions(
     return own, partner
 
 
-def decisions(frame: pd.DataFrame, values: dict, policy: Policy) -> dict[str, object]:
-    """``Policy.decide`` for every run against the finished adapters of the other tasks;
+def decisions(
+    frame: pd.DataFrame, values: dict, policy: Policy, partners: dict | None = None
+) -> dict[str, object]:
+    """``Policy.decide`` for every run against the finished adapters of the other tasks
+    (``partners``: run -> the row indices of its pairs, when only some are in the store);
     ``values[method]`` = (the run's retention per row, the partner's retention per row)."""
     out = {}
-    for run, rows in frame.groupby("self").groups.items():
+    groups = partners if partners is not None else frame.groupby("self").groups
+    for run, rows in groups.items():
         pairs = [
             PairPrediction(
                 run,
@@ -158,6 +162,13 @@ def main(argv=None) -> int:
         nargs="+",
         help="signals the damage model reads (default: the shipped predictors' features)",
     )
+    parser.add_argument(
+        "--store-tasks",
+        type=int,
+        default=2,
+        help="tasks in each small store drawn for the early-stop table (default: 2)",
+    )
+    parser.add_argument("--draws", type=int, default=50, help="small stores per run (default: 50)")
     args = parser.parse_args(argv)
     results = Path(args.results)
     if not (results / "pairs.csv").is_file():
@@ -234,6 +245,57 @@ def main(argv=None) -> int:
                 f"{row['stops_right']} / {row['stops_wrong']} / {row['stops_missed']} | "
                 f"{_pair(first)} | {row['first_partner_ok']} of {len(first)} | "
                 f"{row['named']} | {row['named_ok']} | {_pair(own)} |"
+            )
+    # Small stores: the full one holds a good partner for every run, so stops are measured
+    # on stores of a few tasks' adapters, drawn at random.
+    rng = np.random.default_rng(0)
+    tasks = sorted(frame.self_task.unique())
+    rows_of = {run: idx for run, idx in frame.groupby("self").groups.items()}
+    task_of = dict(zip(frame.self, frame.self_task, strict=True))
+    draws = []
+    for _ in range(args.draws):
+        store = {}
+        for run, idx in rows_of.items():
+            others = [t for t in tasks if t != task_of[run]]
+            chosen = set(rng.choice(others, size=args.store_tasks, replace=False))
+            store[run] = [k for k in idx if frame.other_task[k] in chosen]
+        draws.append(store)
+    lines += [
+        "",
+        f"Early stop on small stores: each run against the finished adapters of "
+        f"{args.store_tasks} other tasks drawn at random ({2 * args.store_tasks} adapters), "
+        f"{args.draws} draws per run; a stop is right when the measured pairs route the run "
+        "too (no partner keeps both sides >= tau under any method).",
+        "",
+        "| tau | partners read | stops | right | wrong | missed | precision | recall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    payload["small_stores"] = {"tasks": args.store_tasks, "draws": args.draws}
+    for tau in taus:
+        policy = Policy(tau=tau, methods=tuple(methods))
+        counts = {label: [0, 0, 0] for label in predictions if label != "measured pairs"}
+        for store in draws:
+            oracle = decisions(frame, predictions["measured pairs"], policy, store)
+            should = {r for r, d in oracle.items() if d.decision == "route"}
+            for label in counts:
+                chosen = decisions(frame, predictions[label], policy, store)
+                stops = {r for r, d in chosen.items() if d.decision == "route"}
+                counts[label][0] += len(stops & should)
+                counts[label][1] += len(stops - should)
+                counts[label][2] += len(should - stops)
+        for label, (right, wrong, missed) in counts.items():
+            precision = right / (right + wrong) if right + wrong else float("nan")
+            recall = right / (right + missed) if right + missed else float("nan")
+            payload["small_stores"][f"{tau} / {label}"] = {
+                "right": right,
+                "wrong": wrong,
+                "missed": missed,
+                "precision": precision,
+                "recall": recall,
+            }
+            lines.append(
+                f"| {tau:g} | {label} | {right + wrong} | {right} | {wrong} | {missed} | "
+                f"{precision:.2f} | {recall:.2f} |"
             )
     lines += [
         "",

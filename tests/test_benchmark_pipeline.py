@@ -483,3 +483,10 @@ def test_decision_evaluation_scores_each_run_against_its_finished_partners(five_
         assert row["stops_right"] + row["stops_wrong"] == row["route"]
         assert 0 <= row["named_ok"] <= row["named"]
     assert "| 0.9 | finished partners at their end |" in (out / "decision_eval.md").read_text()
+    # small stores: the same runs against two other tasks' adapters, stops counted per draw
+    small = json.loads((out / "decision_eval.json").read_text())["small_stores"]
+    assert (small["tasks"], small["draws"]) == (2, 50)
+    for reading in ("finished partners at their end", "partners at their 5 % probe"):
+        row = small[f"0.9 / {reading}"]
+        # each draw decides each of the 5 runs once: stops and misses are among them
+        assert 0 <= row["right"] + row["wrong"] + row["missed"] <= 5 * 50
