@@ -29,6 +29,7 @@ decision_eval.md and decision_eval.json into the results folder.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -145,6 +146,10 @@ def score(chosen: dict, oracle: dict, measured: dict, tau: float) -> dict:
     }
 
 
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _pair(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f}, {min(values):.3f}" if values else "—"
 
@@ -166,9 +171,8 @@ def main(argv=None) -> int:
         "--store-tasks",
         type=int,
         default=2,
-        help="tasks in each small store drawn for the early-stop table (default: 2)",
+        help="tasks in each small store of the early-stop table (default: 2)",
     )
-    parser.add_argument("--draws", type=int, default=50, help="small stores per run (default: 50)")
     args = parser.parse_args(argv)
     results = Path(args.results)
     if not (results / "pairs.csv").is_file():
@@ -247,46 +251,48 @@ def main(argv=None) -> int:
                 f"{row['named']} | {row['named_ok']} | {_pair(own)} |"
             )
     # Small stores: the full one holds a good partner for every run, so stops are measured
-    # on stores of a few tasks' adapters, drawn at random.
-    rng = np.random.default_rng(0)
+    # on every store made of a few other tasks' adapters.
     tasks = sorted(frame.self_task.unique())
-    rows_of = {run: idx for run, idx in frame.groupby("self").groups.items()}
     task_of = dict(zip(frame.self, frame.self_task, strict=True))
-    draws = []
-    for _ in range(args.draws):
-        store = {}
-        for run, idx in rows_of.items():
-            others = [t for t in tasks if t != task_of[run]]
-            chosen = set(rng.choice(others, size=args.store_tasks, replace=False))
-            store[run] = [k for k in idx if frame.other_task[k] in chosen]
-        draws.append(store)
+    if not 1 <= args.store_tasks < len(tasks):
+        parser.error(f"--store-tasks must be between 1 and {len(tasks) - 1}")
+    cases = []  # (run, the row indices of its pairs with the store's adapters)
+    for run, idx in frame.groupby("self").groups.items():
+        others = [t for t in tasks if t != task_of[run]]
+        for chosen in itertools.combinations(others, args.store_tasks):
+            cases.append((run, [k for k in idx if frame.other_task[k] in chosen]))
+    sizes = sorted({len(rows) for _, rows in cases})
     lines += [
         "",
-        f"Early stop on small stores: each run against the finished adapters of "
-        f"{args.store_tasks} other tasks drawn at random ({2 * args.store_tasks} adapters), "
-        f"{args.draws} draws per run; a stop is right when the measured pairs route the run "
-        "too (no partner keeps both sides >= tau under any method).",
+        f"Early stop on small stores: each run against every store made of the finished "
+        f"adapters of {args.store_tasks} other tasks ({'-'.join(map(str, sizes))} adapters; "
+        f"{len(cases)} run-store cases); a stop is right when the measured pairs route the "
+        "run too (no partner keeps both sides >= tau under any method).",
         "",
-        "| tau | partners read | stops | right | wrong | missed | precision | recall |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tau | partners read | measured routes | stops | right | wrong | missed | precision "
+        "| recall |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    payload["small_stores"] = {"tasks": args.store_tasks, "draws": args.draws}
+    payload["small_stores"] = {"tasks": args.store_tasks, "cases": len(cases)}
     for tau in taus:
         policy = Policy(tau=tau, methods=tuple(methods))
         counts = {label: [0, 0, 0] for label in predictions if label != "measured pairs"}
-        for store in draws:
-            oracle = decisions(frame, predictions["measured pairs"], policy, store)
-            should = {r for r, d in oracle.items() if d.decision == "route"}
+        routes = 0
+        for run, rows in cases:
+            store = {run: rows}
+            should = decisions(frame, predictions["measured pairs"], policy, store)[run]
+            should = should.decision == "route"
+            routes += should
             for label in counts:
-                chosen = decisions(frame, predictions[label], policy, store)
-                stops = {r for r, d in chosen.items() if d.decision == "route"}
-                counts[label][0] += len(stops & should)
-                counts[label][1] += len(stops - should)
-                counts[label][2] += len(should - stops)
+                stop = decisions(frame, predictions[label], policy, store)[run].decision == "route"
+                counts[label][0] += stop and should
+                counts[label][1] += stop and not should
+                counts[label][2] += should and not stop
         for label, (right, wrong, missed) in counts.items():
-            precision = right / (right + wrong) if right + wrong else float("nan")
-            recall = right / (right + missed) if right + missed else float("nan")
+            precision = right / (right + wrong) if right + wrong else None
+            recall = right / routes if routes else None
             payload["small_stores"][f"{tau} / {label}"] = {
+                "measured_routes": routes,
                 "right": right,
                 "wrong": wrong,
                 "missed": missed,
@@ -294,8 +300,8 @@ def main(argv=None) -> int:
                 "recall": recall,
             }
             lines.append(
-                f"| {tau:g} | {label} | {right + wrong} | {right} | {wrong} | {missed} | "
-                f"{precision:.2f} | {recall:.2f} |"
+                f"| {tau:g} | {label} | {routes} | {right + wrong} | {right} | {wrong} | "
+                f"{missed} | {_ratio(precision)} | {_ratio(recall)} |"
             )
     lines += [
         "",

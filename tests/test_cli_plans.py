@@ -237,6 +237,7 @@ def test_plan_rehearses_the_merges_on_each_adapters_inputs(tmp_path, adapters, c
     assert "not planned" in _error(capsys, [*command, f"--inputs=gamma={tmp_path / 'bad.jsonl'}"])
     assert "NAME=PATH" in _error(capsys, [*command, "--inputs", "alpha"])
     assert "only with --inputs" in _error(capsys, [*command, "--adapter", "alpha=x"])
+    assert "not planned" in _error(capsys, [*command, inputs[0], "--adapter", "gamma=x"])
     # the text inputs need the base's tokenizer, which this base does not have
     (tmp_path / "text.jsonl").write_text('{"text": "a b c"}\n')
     assert "no tokenizer" in _error(capsys, [*command, f"--inputs=alpha={tmp_path / 'text.jsonl'}"])
@@ -256,3 +257,34 @@ def test_text_inputs_are_batched_as_the_tokenizer_pads_them():
     assert torch.equal(first["input_ids"], expected["input_ids"])
     assert torch.equal(first["attention_mask"], expected["attention_mask"])
     assert second["input_ids"].tolist() == [[101, 7592, 102]]
+
+
+def test_inputs_rows_take_one_form_and_pad_with_the_models_own_id(tmp_path):
+    from types import SimpleNamespace
+
+    from mergeprobe.cli import _CommandError, _input_batches, _pad_id, _read_inputs
+
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"text": "hi", "input_ids": None},  # ids unusable: the text
+        {"text": "hi", "input_ids": [5, 6]},  # valid ids win
+        {"text": "yo", "input_ids": [True, 1]},  # booleans are not token ids
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _read_inputs(path, 10) == [{"text": "hi"}, {"input_ids": [5, 6]}, {"text": "yo"}]
+    path.write_text(json.dumps({"input_ids": [-1, 2]}) + "\n")
+    with pytest.raises(_CommandError, match="non-negative"):
+        _read_inputs(path, 10)
+
+    # the model's pad id first (a decoder classifier reads the last token that is not it)
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    tokenizer = SimpleNamespace(pad_token_id=None, eos_token_id=7)
+    assert _pad_id(model(pad_token_id=3, eos_token_id=9), tokenizer) == 3
+    assert _pad_id(model(pad_token_id=None, eos_token_id=9), tokenizer) == 7
+    assert _pad_id(model(pad_token_id=None, eos_token_id=[9, 10]), None) == 9
+    assert _pad_id(model(), None) == 0
+    (batch,) = _input_batches([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}], None, 2, 8, 3)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -288,6 +288,15 @@ def test_a_finished_partner_is_read_at_its_end_by_the_predictors_for_it():
         against_finished=finished,
     )
     assert "predictors" not in note and pair.retention_self["direct"] == pytest.approx(0.9)
+    # an adapter finished at 80 % beside a finished partner: its end, the caller's predictors
+    late = _norm_signature("late", [("probe", 0.05, 2.0), ("final", 0.8, 2.0)])
+    (pair,), (note,) = predict_pairs(late, [done], early, against_finished=finished)
+    assert note["partner_state"] == "final state" and "predictors" not in note
+    assert pair.retention_self["direct"] == pytest.approx(1 - 0.1 * 4 / 2)
+    # a run stopped at its horizon beside finished adapters is not a finished store
+    from mergeprobe.policy import plan_state
+
+    assert plan_state([done, stopped]) == "early" and plan_state([done, late]) == "final"
     # a partner without probes is skipped with a reason, the others are still predicted
     empty = _norm_signature("empty", [])
     pairs, notes = predict_pairs(run, [empty, done], early, against_finished=finished)

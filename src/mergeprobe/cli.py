@@ -159,14 +159,16 @@ def _read_inputs(path: Path, limit: int) -> list[dict]:
                 raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
             ids = row.get("input_ids") if isinstance(row, dict) else None
             text = row.get("text") if isinstance(row, dict) else None
-            if not (isinstance(text, str) and text) and not (
-                isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)
-            ):
+            # one form per row, decided here: token ids when valid, else the text
+            if isinstance(ids, list) and ids and all(_is_token_id(i) for i in ids):
+                rows.append({"input_ids": ids})
+            elif isinstance(text, str) and text:
+                rows.append({"text": text})
+            else:
                 raise _CommandError(
                     f"{path}:{number} needs a non-empty 'text' string or an 'input_ids' list "
-                    "of integers"
+                    "of non-negative integers"
                 )
-            rows.append(row)
             if len(rows) == limit:
                 break
     if not rows:
@@ -174,9 +176,31 @@ def _read_inputs(path: Path, limit: int) -> list[dict]:
     return rows
 
 
-def _input_batches(rows: list[dict], tokenizer, batch_size: int, max_length: int) -> list:
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _pad_id(model, tokenizer) -> int:
+    """The id to pad with: the model's own (decoder classifiers read the last token that is
+    not it), else the tokenizer's pad or end-of-sequence token, else 0."""
+    for value in (
+        getattr(model.config, "pad_token_id", None),
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _input_batches(
+    rows: list[dict], tokenizer, batch_size: int, max_length: int, pad_id: int = 0
+) -> list:
     """Padded ``input_ids`` / ``attention_mask`` batches: texts through the tokenizer, token
-    ids as given (cut to ``max_length``)."""
+    ids as given (cut to ``max_length``), padded on the right with ``pad_id``."""
     import torch
 
     batches = []
@@ -188,11 +212,10 @@ def _input_batches(rows: list[dict], tokenizer, batch_size: int, max_length: int
             else tokenizer(row["text"], truncation=True, max_length=max_length)["input_ids"]
             for row in chunk
         ]
-        pad = getattr(tokenizer, "pad_token_id", None) or 0
         width = max(len(i) for i in ids)
         batches.append(
             {
-                "input_ids": torch.tensor([i + [pad] * (width - len(i)) for i in ids]),
+                "input_ids": torch.tensor([i + [pad_id] * (width - len(i)) for i in ids]),
                 "attention_mask": torch.tensor(
                     [[1] * len(i) + [0] * (width - len(i)) for i in ids]
                 ),
@@ -214,6 +237,9 @@ def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]
     if unknown:
         raise _CommandError(f"--inputs names adapters not planned: {', '.join(unknown)}")
     given = _name_paths(args.adapter, "--adapter")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise _CommandError(f"--adapter names adapters not planned: {', '.join(unknown)}")
     adapters = {}
     for signature in signatures:
         path = given.get(signature.name) or _adapter_entry(signature)["path"]
@@ -223,18 +249,28 @@ def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]
                 f"--adapter {signature.name}=PATH"
             )
         adapters[signature.name] = path
-    bases = {(s.metadata.get("base_model") or {}).get("name_or_path") for s in signatures} - {None}
-    base = args.base or (bases.pop() if len(bases) == 1 else None)
-    if base is None:
+    bases = {(s.metadata.get("base_model") or {}).get("weights_fingerprint") for s in signatures}
+    if len(bases) > 1:
         raise _CommandError(
-            f"the signatures name {len(bases)} base models ({sorted(bases)}); give one with --base"
+            f"the adapters sit on {len(bases)} different base models; a rehearsal merges them "
+            "on one: plan each base's adapters with --names"
         )
+    recorded = {(s.metadata.get("base_model") or {}).get("name_or_path") for s in signatures}
+    recorded.discard(None)
+    base = args.base or (recorded.pop() if len(recorded) == 1 else None)
+    if base is None:
+        raise _CommandError("the signatures record no single base model path; give it with --base")
     tasks = {str((s.metadata.get("adapter") or {}).get("task_type") or "") for s in signatures}
-    task = tasks.pop() if len(tasks) == 1 else ""
-    auto = getattr(transformers, AUTO_CLASS_BY_TASK.get(task.rsplit(".", 1)[-1], "AutoModel"))
+    task = tasks.pop().rsplit(".", 1)[-1] if len(tasks) == 1 else None
+    if task not in AUTO_CLASS_BY_TASK:
+        raise _CommandError(
+            f"the adapters' task types are {sorted(tasks | ({task} if task else set()))}: a "
+            "rehearsal needs one task type with an output head (e.g. SEQ_CLS, CAUSAL_LM)"
+        )
+    auto = getattr(transformers, AUTO_CLASS_BY_TASK[task])
     rows = {name: _read_inputs(Path(path), args.max_inputs) for name, path in inputs.items()}
     tokenizer = None
-    if any("input_ids" not in row for r in rows.values() for row in r):
+    if any("text" in row for r in rows.values() for row in r):
         from .probe import _load_tokenizer
 
         tokenizer = _load_tokenizer(str(base))  # refuses a folder without tokenizer files
@@ -242,8 +278,12 @@ def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]
             raise _CommandError(
                 f"no tokenizer for {base} to read the 'text' inputs; give 'input_ids' instead"
             )
+    model = auto.from_pretrained(base)
+    pad_id = _pad_id(model, tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id  # decoder classifiers need it to find the last token
     batches = {
-        name: _input_batches(r, tokenizer, args.batch_size, args.max_length)
+        name: _input_batches(r, tokenizer, args.batch_size, args.max_length, pad_id)
         for name, r in rows.items()
     }
     missing = [n for n in names if n not in batches]
@@ -253,7 +293,6 @@ def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]
             "retention is predicted from a typical rehearsal (the predictor's training median)"
         )
     print(f"rehearsing {len(batches)} adapter(s) against {len(names) - 1} partner(s) each ...")
-    model = auto.from_pretrained(base)
     return rehearsal_kl(model, adapters, batches, progress=True)
 
 

@@ -344,12 +344,14 @@ class Policy:
 FINISHED_FRACTION = 0.5
 
 
+def _state_finished(probe) -> bool:
+    """Whether ``probe`` is the state of an adapter that trained (most of) its course."""
+    return probe.kind == "final" and (probe.fraction is None or probe.fraction >= FINISHED_FRACTION)
+
+
 def _finished(signature) -> bool:
     """Whether ``signature``'s last state is an adapter that trained (most of) its course."""
-    if not signature.probes:
-        return False
-    last = signature.probes[-1]
-    return last.kind == "final" and (last.fraction is None or last.fraction >= FINISHED_FRACTION)
+    return bool(signature.probes) and _state_finished(signature.probes[-1])
 
 
 def _partner_probe(own_fraction: float | None, other, finished: bool = False) -> tuple[Any, str]:
@@ -366,6 +368,8 @@ def _partner_probe(own_fraction: float | None, other, finished: bool = False) ->
         before = [p for p in early if p.fraction <= own_fraction + 1e-9]
         if before:
             probe = other.probe(own_fraction)
+            if _state_finished(probe):  # a fraction list that reaches the end
+                return probe, "final state"
             return probe, f"probe at {probe.fraction:.3f}"
     probe = other.probes[-1]
     return probe, f"{probe.kind} state"
@@ -393,10 +397,14 @@ def predict_pairs(
     """Predictions of ``signature`` (at ``probe``, default its last) against each partner.
 
     A partner is read at the same fraction of its training (its last state if it has no
-    probe that early). With ``against_finished`` (predictors fitted on a run against
-    finished partners, ``load_predictors(state="early_vs_final")``), a partner that finished
-    training is read at its final state and this run's retention beside it is predicted by
-    those instead (the partner's own retention still by ``predictors``). Returns the
+    probe that early). A partner *finished* training when its last state is final at 50 % of
+    its steps or later (a run stopped at its horizon is read like a run there). With
+    ``against_finished`` (predictors fitted on a run against finished partners,
+    ``load_predictors(state="early_vs_final")``) and ``signature`` still in training, a
+    finished partner is read at its final state and this run's retention beside it is
+    predicted by those instead (the partner's own retention still by ``predictors``). A
+    finished ``signature`` reads finished partners at their final states with ``predictors``
+    (give it the final set). Returns the
     predictions and one note per pair (which partner state and predictors were used, layers
     compared, and any partner skipped as incompatible).
     """
@@ -410,8 +418,10 @@ def predict_pairs(
         )
     probe = probe if probe is not None else signature.probes[-1]
     # The finished-partner predictors are for a run in training; a finished adapter beside
-    # finished ones is the caller's choice of predictors (the final set).
-    reading_finished = against_finished is not None and probe.kind != "final"
+    # finished ones is the caller's choice of predictors (the final set), and is read beside
+    # their final states.
+    own_finished = _state_finished(probe)
+    switch = against_finished is not None and not own_finished
     # Only the signals the predictors read (and the redundancy): the costly ones are most of
     # the time of a decision against a large store.
     needed = _needed_signals([*predictors.values(), *(against_finished or {}).values()])
@@ -420,8 +430,10 @@ def predict_pairs(
         if other.name == signature.name:
             continue
         try:
-            finished = reading_finished and _finished(other)
-            other_probe, used = _partner_probe(probe.fraction, other, finished)
+            finished = switch and _finished(other)
+            other_probe, used = _partner_probe(
+                probe.fraction, other, finished or (own_finished and _finished(other))
+            )
             forward = pairwise_signals(signature, other, probe, other_probe, only=needed)
             backward = pairwise_signals(other, signature, other_probe, probe, only=needed)
         except IncompatibleSignatureError as exc:
@@ -491,8 +503,8 @@ def _adapter_entry(signature) -> dict[str, Any]:
 def plan_state(signatures: Sequence) -> str:
     """``"final"`` when every signature's last state is a finished adapter, else ``"early"``:
     which shipped predictor fits the plan's signals."""
-    kinds = {s.probes[-1].kind for s in signatures if s.probes}
-    return "final" if kinds == {"final"} else "early"
+    finished = [_finished(s) for s in signatures]
+    return "final" if finished and all(finished) else "early"
 
 
 def _given_signals(signals: Mapping[str, Any] | None, names: list[str]) -> dict[str, np.ndarray]:
