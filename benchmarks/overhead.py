@@ -115,6 +115,8 @@ def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float]
     """Seconds to load ``n`` store entries, and to predict against them and decide."""
     predictors, _ = load_predictors()
     finished, _ = load_predictors(state="early_vs_final")  # as the callback loads them
+    # the run at its horizon, as when the callback decides; its copies are finished partners
+    horizon = [p for p in signature.probes if p.kind == "probe"][-1]
     rows = []
     for n in sizes:
         store = SignatureStore(tmp / f"decision{n}")
@@ -123,7 +125,9 @@ def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float]
         start = time.perf_counter()
         partners = [store.load(name) for name in store.names()]
         loaded = time.perf_counter()
-        pairs, _ = predict_pairs(signature, partners, predictors, against_finished=finished)
+        pairs, _ = predict_pairs(
+            signature, partners, predictors, horizon, against_finished=finished
+        )
         Policy().decide(signature.name, pairs)
         rows.append((n, loaded - start, time.perf_counter() - loaded))
         print(f"decision against {n} entries: {rows[-1][1] + rows[-1][2]:.2f} s")
