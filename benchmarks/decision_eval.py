@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks.plan_eval import write_report  # noqa: E402
-from benchmarks.predictor_eval import fitted_power, load_pairs, signal_name  # noqa: E402
+from benchmarks.predictor_eval import fitted_power, load_pairs, loto  # noqa: E402
 from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
-from mergeprobe.predictor import METHODS, RetentionPredictor, load_predictors, set_retention  # noqa: E402
+from mergeprobe.predictor import METHODS, load_predictors, set_retention  # noqa: E402
 
 TAUS = (0.85, 0.9, 0.95)
 READINGS = {
@@ -61,28 +61,25 @@ def fold_predictions(
     the shipped model kind fitted on the pairs of its own reading (``forward`` pairs for the
     run, 5 % pairs for a partner beside a run at 5 %) without the run's task."""
     y = frame[target].to_numpy(dtype=float)
-    fits = {forward: forward, backward: "p05" if backward == "f05" else backward}
-    powers = {
-        fit_on: fitted_power(frame, [f"{fit_on}_{f}" for f in features], y, "damage")
-        for fit_on in set(fits.values())
-    }
-    own = np.full(len(frame), np.nan)
-    partner = np.full(len(frame), np.nan)
-    for task in sorted(frame.self_task.unique()):
-        train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
-        for reading, out, rows in (
-            (forward, own, (frame.self_task == task).to_numpy()),
-            (backward, partner, (frame.other_task == task).to_numpy()),
-        ):
-            fit_on = fits[reading]
-            columns = [f"{fit_on}_{f}" for f in features]
-            names = [signal_name(c) for c in columns]
-            predictor = RetentionPredictor(
-                features=tuple(names), model="damage", power=powers[fit_on]
-            )
-            predictor.fit(frame.loc[train, columns].set_axis(names, axis=1), y[train])
-            X = frame.loc[rows, [f"{reading}_{f}" for f in features]].set_axis(names, axis=1)
-            out[rows] = predictor.predict(X)
+
+    def columns(prefix: str) -> list[str]:
+        return [f"{prefix}_{f}" for f in features]
+
+    def predict(reading: str, fit_on: str, fold_by: str) -> np.ndarray:
+        power = fitted_power(frame, columns(fit_on), y, "damage")
+        return loto(
+            frame,
+            columns(fit_on),
+            y,
+            "damage",
+            power=power,
+            predict_columns=columns(reading),
+            fold_by=fold_by,
+        )
+
+    # the run is the pair's own adapter; for the reverse pair, it is the partner
+    own = predict(forward, forward, "self_task")
+    partner = predict(backward, "p05" if backward == "f05" else backward, "other_task")
     return own, partner
 
 

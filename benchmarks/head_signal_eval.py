@@ -20,8 +20,7 @@ It does so with the finished adapters (from the benchmark cache) and with each r
 training is deterministic; the per-layer update norms must match the signature's probe at that
 step, or the script stops), and with each run at ``--fraction`` against the finished
 partners and the reverse (what the callback compares when the store holds finished adapters).
-Then the
-leave-one-task-out evaluation of predictor_eval compares
+Then the leave-one-task-out evaluation of predictor_eval compares
 the "partner magnitudes" features (the default when this was measured) with and without the
 head signals (the scale-like ones as logarithms), with a paired bootstrap of the gain. Writes
 head_signal_eval.md (and .json) to --results.

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from mergeprobe.exceptions import InvalidParameterError  # noqa: E402
 from mergeprobe.predictor import (  # noqa: E402
+    _DEFAULT_PATHS,
     METHODS,
     RetentionPredictor,
     save_predictors,
@@ -145,18 +146,20 @@ def loto(
     shuffle_seed=None,
     power: float | str = 1.0,
     predict_columns: list[str] | None = None,
+    fold_by: str = "self_task",
 ):
-    """Out-of-fold predictions, one fold per task of the pair's own adapter, by the same
-    predictor that ``--ship`` fits (the columns renamed to their signal names); fitted on
-    ``columns`` and, when given, predicting from ``predict_columns`` (the same signals in
-    another state)."""
+    """Out-of-fold predictions, one fold per task of the pair's own adapter (``fold_by=
+    "other_task"``: of its partner), by the same predictor that ``--ship`` fits (the columns
+    renamed to their signal names), fitted on pairs that involve neither the fold's task;
+    fitted on ``columns`` and, when given, predicting from ``predict_columns`` (the same
+    signals in another state)."""
     pred = np.full(len(frame), np.nan)
     rng = np.random.default_rng(shuffle_seed)
     names = [signal_name(c) for c in columns]
     X = frame[columns].set_axis(names, axis=1)
     X_test = X if predict_columns is None else frame[predict_columns].set_axis(names, axis=1)
     for task in sorted(frame.self_task.unique()):
-        test = (frame.self_task == task).to_numpy()
+        test = (frame[fold_by] == task).to_numpy()
         train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
         target = y[train].copy()
         if shuffle_seed is not None:
@@ -605,14 +608,10 @@ def main(argv=None) -> int:
         # partners, and finished adapters (``mergeprobe add``): magnitudes grow over
         # training, so a model fitted on one state's signals is off in scale on another's
         # (the partner-states table).
-        for prefix, filename, signals in (
-            ("p05", "default_predictors.skops", "p05 (5 % of training) for both adapters"),
-            (
-                "p05f",
-                "default_predictors_early_vs_final.skops",
-                "p05f (the run at 5 % of training, its partner finished)",
-            ),
-            ("final", "default_predictors_final.skops", "final adapters, both sides"),
+        for prefix, state, signals in (
+            ("p05", "early", "p05 (5 % of training) for both adapters"),
+            ("p05f", "early_vs_final", "p05f (the run at 5 % of training, its partner finished)"),
+            ("final", "final", "final adapters, both sides"),
         ):
             predictors = {}
             trained_on = {}
@@ -636,7 +635,7 @@ def main(argv=None) -> int:
                 )
                 predictors[method] = predictor
                 trained_on[method] = int(keep.sum())
-            path = ROOT / "src" / "mergeprobe" / "data" / filename
+            path = _DEFAULT_PATHS[state]  # where load_predictors(state=...) reads it
             save_predictors(
                 predictors,
                 path,
@@ -646,7 +645,7 @@ def main(argv=None) -> int:
                     if pairs_path.is_relative_to(ROOT)
                     else str(pairs_path),
                     "signals": signals,
-                    "state": {"final": "final", "p05f": "early_vs_final"}.get(prefix, "early"),
+                    "state": state,
                     "features": present,
                     "fallback_features": backup,
                     "feature_set": chosen_set,

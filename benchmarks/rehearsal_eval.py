@@ -220,7 +220,7 @@ def ship_predictors(table: pd.DataFrame, per_pair: pd.DataFrame, payload: dict, 
     """The damage model on the finished adapters' ``rehearsal_kl``, one per merge method,
     fitted on every cross-task pair; its leave-one-task-out figures (the package's predictor,
     as ``predictor_eval`` evaluates it) go into its metadata and the report's payload."""
-    from mergeprobe.predictor import METHODS, RetentionPredictor, save_predictors
+    from mergeprobe.predictor import _DEFAULT_PATHS, METHODS, RetentionPredictor, save_predictors
 
     frame = table[~table.same_task].merge(per_pair, on=["self", "other"]).reset_index(drop=True)
     predictors, trained_on, evaluation = {}, {}, {}
@@ -233,7 +233,7 @@ def ship_predictors(table: pd.DataFrame, per_pair: pd.DataFrame, payload: dict, 
         predictor.fit({"rehearsal_kl": data["final_rehearsal_kl"].to_numpy()}, y[keep])
         predictors[method] = predictor
         trained_on[method] = int(keep.sum())
-    path = ROOT / "src" / "mergeprobe" / "data" / "default_predictors_rehearsal.skops"
+    path = _DEFAULT_PATHS["rehearsal"]  # where load_predictors(state="rehearsal") reads it
     save_predictors(
         predictors,
         path,

@@ -354,14 +354,14 @@ def _finished(signature) -> bool:
     return bool(signature.probes) and _state_finished(signature.probes[-1])
 
 
-def _partner_probe(own_fraction: float | None, other, finished: bool = False) -> tuple[Any, str]:
-    """The partner's final state when ``finished`` and it finished training; else its probe
-    nearest before ``own_fraction`` (its last one if it has none)."""
+def _partner_probe(own_fraction: float | None, other, at_end: bool = False) -> tuple[Any, str]:
+    """The partner's last state when ``at_end``; else its probe nearest before
+    ``own_fraction`` (its last one if it has none)."""
     from .exceptions import IncompatibleSignatureError
 
     if not other.probes:
         raise IncompatibleSignatureError(f"signature {other.name!r} has no probe to compare")
-    if finished and _finished(other):
+    if at_end:
         return other.probes[-1], "final state"
     early = [p for p in other.probes if p.kind == "probe" and p.fraction is not None]
     if own_fraction is not None and early:
@@ -404,9 +404,9 @@ def predict_pairs(
     finished partner is read at its final state and this run's retention beside it is
     predicted by those instead (the partner's own retention still by ``predictors``). A
     finished ``signature`` reads finished partners at their final states with ``predictors``
-    (give it the final set). Returns the
-    predictions and one note per pair (which partner state and predictors were used, layers
-    compared, and any partner skipped as incompatible).
+    (give it the final set). Returns the predictions and one note per pair (which partner
+    state and predictors were used, layers compared, and any partner skipped as
+    incompatible).
     """
     from .exceptions import IncompatibleSignatureError
     from .signals.compare import pairwise_signals
@@ -421,7 +421,6 @@ def predict_pairs(
     # finished ones is the caller's choice of predictors (the final set), and is read beside
     # their final states.
     own_finished = _state_finished(probe)
-    switch = against_finished is not None and not own_finished
     # Only the signals the predictors read (and the redundancy): the costly ones are most of
     # the time of a decision against a large store.
     needed = _needed_signals([*predictors.values(), *(against_finished or {}).values()])
@@ -430,10 +429,9 @@ def predict_pairs(
         if other.name == signature.name:
             continue
         try:
-            finished = switch and _finished(other)
-            other_probe, used = _partner_probe(
-                probe.fraction, other, finished or (own_finished and _finished(other))
-            )
+            at_end = _finished(other) and (own_finished or against_finished is not None)
+            finished = at_end and not own_finished  # this run in training: switch predictors
+            other_probe, used = _partner_probe(probe.fraction, other, at_end)
             forward = pairwise_signals(signature, other, probe, other_probe, only=needed)
             backward = pairwise_signals(other, signature, other_probe, probe, only=needed)
         except IncompatibleSignatureError as exc:
