@@ -20,7 +20,10 @@ predictor_eval. Three readings of the partners:
 - ``measured pairs``: the measured retentions, the decision a perfect pairwise predictor would
   give with this policy.
 
-Each decision is scored by the measured retention of every member of the group it joins
+Each reading decides twice: weighing each partner against the run only, and weighing the
+partners against each other too (``Policy.decide(..., partner_pairs)``, what the callback does;
+the partners' pairs predicted from their final signatures without their own task). Each
+decision is scored by the measured retention of every member of the group it joins
 (additive damage over the group's measured pairs, the composition the policy uses; Spearman
 0.84 against the measured triples), and each stop against the measured pairs' decision. Writes
 decision_eval.md and decision_eval.json into the results folder.
@@ -42,9 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks.plan_eval import write_report  # noqa: E402
-from benchmarks.predictor_eval import fitted_power, load_pairs, loto  # noqa: E402
+from benchmarks.predictor_eval import fitted_power, load_pairs, loto, signal_name  # noqa: E402
 from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
-from mergeprobe.predictor import METHODS, load_predictors, set_retention  # noqa: E402
+from mergeprobe.predictor import (  # noqa: E402
+    METHODS,
+    RetentionPredictor,
+    load_predictors,
+    set_retention,
+)
 
 TAUS = (0.85, 0.9, 0.95)
 READINGS = {
@@ -83,15 +91,67 @@ def fold_predictions(
     return own, partner
 
 
+def between_finished(
+    table: pd.DataFrame, frame: pd.DataFrame, features: list[str], methods: list[str]
+) -> dict[str, dict[tuple[str, str], float]]:
+    """Each finished adapter's predicted retention beside another finished adapter, for every
+    pair of the table (same-task ones too): the final signals by the shipped final model kind,
+    fitted on the cross-task pairs that involve neither the adapter's task (one fold per
+    task)."""
+    columns = [f"final_{f}" for f in features]
+    names = [signal_name(c) for c in columns]
+    out = {}
+    for method in methods:
+        y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
+        power = fitted_power(frame, columns, y, "damage")
+        values: dict[tuple[str, str], float] = {}
+        for task in sorted(frame.self_task.unique()):
+            train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
+            predictor = RetentionPredictor(features=tuple(names), model="damage", power=power)
+            predictor.fit(
+                frame.loc[train, columns].set_axis(names, axis=1),
+                y[train],
+                groups=frame.self_task[train],
+            )
+            test = table[table.self_task == task]
+            predicted = predictor.predict(test[columns].set_axis(names, axis=1))
+            values.update(zip(zip(test.self, test.other, strict=True), predicted, strict=True))
+        out[method] = values
+    return out
+
+
+def partner_pairs(partners: list[str], between: dict) -> list[PairPrediction]:
+    """``between[method][(a, b)]`` as one prediction per unordered pair of ``partners``."""
+    return [
+        PairPrediction(
+            a,
+            b,
+            {m: float(between[m][(a, b)]) for m in between},
+            {m: float(between[m][(b, a)]) for m in between},
+            {},
+        )
+        for a, b in itertools.combinations(partners, 2)
+    ]
+
+
 def decisions(
-    frame: pd.DataFrame, values: dict, policy: Policy, partners: dict | None = None
+    frame: pd.DataFrame,
+    values: dict,
+    policy: Policy,
+    partners: dict | None = None,
+    between: dict | None = None,
 ) -> dict[str, object]:
     """``Policy.decide`` for every run against the finished adapters of the other tasks
     (``partners``: run -> the row indices of its pairs, when only some are in the store);
-    ``values[method]`` = (the run's retention per row, the partner's retention per row)."""
+    ``values[method]`` = (the run's retention per row, the partner's retention per row);
+    ``between[method][(a, b)]``: the partners' retentions beside each other, weighed when
+    given."""
     out = {}
     groups = partners if partners is not None else frame.groupby("self").groups
     for run, rows in groups.items():
+        others = None
+        if between is not None:
+            others = partner_pairs([frame.other[k] for k in rows], between)
         pairs = [
             PairPrediction(
                 run,
@@ -102,7 +162,7 @@ def decisions(
             )
             for k in rows
         ]
-        out[run] = policy.decide(run, pairs)
+        out[run] = policy.decide(run, pairs, others)
     return out
 
 
@@ -116,7 +176,7 @@ def score(chosen: dict, oracle: dict, measured: dict, tau: float) -> dict:
     kinds = [d.decision for d in chosen.values()]
     stops = {r for r, d in chosen.items() if d.decision == "route"}
     should = {r for r, d in oracle.items() if d.decision == "route"}
-    first, own, named, named_ok = [], [], 0, 0
+    first, own, worst, named, named_ok = [], [], [], 0, 0
     for run, d in chosen.items():
         if d.decision == "route":
             continue
@@ -126,7 +186,9 @@ def score(chosen: dict, oracle: dict, measured: dict, tau: float) -> dict:
         first.append(sides[0])  # members follow the decision's ranking
         named += len(sides)
         named_ok += sum(v >= tau for v in sides)
-        own.append(measured_group(d.members, d.method, measured)[0])
+        group = measured_group(d.members, d.method, measured)
+        own.append(group[0])
+        worst.append(min(group))
     return {
         "merge": kinds.count("merge"),
         "reweight": kinds.count("reweight"),
@@ -139,6 +201,7 @@ def score(chosen: dict, oracle: dict, measured: dict, tau: float) -> dict:
         "named": named,
         "named_ok": named_ok,
         "run_set_retention": own,
+        "group_worst": worst,
         "decisions": {r: d.decision for r, d in chosen.items()},
     }
 
@@ -223,30 +286,40 @@ def main(argv=None) -> int:
         f"pruning left out. Damage model on {', '.join(features)}. "
         "Predictions leave the run's task out of the fit (both directions).",
         "",
-        "| tau | partners read | merge / reweight / route | stops right / wrong / missed | "
-        "first partner: measured (mean, worst) | first partner keeps both >= tau | named "
-        "partners | of them measured both >= tau | run's measured set retention (mean, worst) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tau | partners read | partners weighed against each other | merge / reweight / "
+        "route | first partner: measured (mean, worst) | first partner keeps both >= tau | "
+        "named partners | of them measured both >= tau | run's measured set retention (mean, "
+        "worst) | group's worst member, measured (mean, worst) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    payload: dict = {"features": features, "taus": {}}
+    finished_features = list(load_predictors(state="final")[1]["features"])
+    between = {
+        "predicted": between_finished(table, frame, finished_features, methods),
+        "measured": measured,
+    }
+    payload: dict = {"features": features, "finished_features": finished_features, "taus": {}}
     for tau in taus:
         policy = Policy(tau=tau, methods=tuple(methods))
-        by_reading = {
-            label: decisions(frame, values, policy) for label, values in predictions.items()
-        }
-        oracle = by_reading["measured pairs"]
+        oracle = decisions(frame, predictions["measured pairs"], policy)
         payload["taus"][str(tau)] = {}
-        for label, chosen in by_reading.items():
-            row = score(chosen, oracle, measured, tau)
-            payload["taus"][str(tau)][label] = row
-            first = row["first_partner"]
-            own = row["run_set_retention"]
-            lines.append(
-                f"| {tau:g} | {label} | {row['merge']} / {row['reweight']} / {row['route']} | "
-                f"{row['stops_right']} / {row['stops_wrong']} / {row['stops_missed']} | "
-                f"{_pair(first)} | {row['first_partner_ok']} of {len(first)} | "
-                f"{row['named']} | {row['named_ok']} | {_pair(own)} |"
-            )
+        for label, values in predictions.items():
+            for weighed in (False, True):
+                kind = "measured" if label == "measured pairs" else "predicted"
+                chosen = decisions(
+                    frame, values, policy, between=between[kind] if weighed else None
+                )
+                row = score(chosen, oracle, measured, tau)
+                key = f"{label}, partners weighed" if weighed else label
+                payload["taus"][str(tau)][key] = row
+                first = row["first_partner"]
+                weighed_label = f"yes ({kind})" if weighed else "no"
+                lines.append(
+                    f"| {tau:g} | {label} | {weighed_label} | {row['merge']} / "
+                    f"{row['reweight']} / {row['route']} | {_pair(first)} | "
+                    f"{row['first_partner_ok']} of {len(first)} | {row['named']} | "
+                    f"{row['named_ok']} | {_pair(row['run_set_retention'])} | "
+                    f"{_pair(row['group_worst'])} |"
+                )
     # Small stores: the full one holds a good partner for every run, so stops are measured
     # on every store made of a few other tasks' adapters.
     tasks = sorted(frame.self_task.unique())
@@ -309,10 +382,16 @@ def main(argv=None) -> int:
         "pair's predicted retentions); its measured retention is the smaller of the two sides "
         "under the decision's method.",
         "- Named partners: those the decision merges the run with (both sides predicted >= tau, "
-        "added while the run's predicted set retention stays >= tau); the run's measured set "
-        "retention with them is additive damage over its measured pairs. `Policy.decide` does "
-        "not weigh the partners against each other: grouping a store is the plan's work "
-        "(plan_eval.py).",
+        "added while the predicted set retention stays >= tau: the run's alone, or, with the "
+        "partners weighed against each other, every member's); the run's measured set "
+        "retention with them is additive damage over its measured pairs.",
+        "- Partners weighed against each other (what the callback does): `Policy.decide` is "
+        "given the partners' predictions beside each other (`partner_pairs`). Predicted: "
+        f"both finished, the damage model on {', '.join(finished_features)} from the final "
+        "signatures (the shipped final set's kind and power), fitted without the predicted "
+        "adapter's task; measured: the measured pairs.",
+        "- Group's worst member: the smallest measured set retention (additive damage over the "
+        "measured pairs) of any member of the merged group, the run or a partner.",
     ]
     seconds = round(time.perf_counter() - started, 1)
     write_report(results, "decision_eval", lines, payload, argv, seconds)

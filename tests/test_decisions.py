@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mergeprobe import (
+    InvalidParameterError,
     MergeProbeCallback,
     Policy,
     RetentionPredictor,
@@ -95,6 +96,53 @@ def test_the_default_reads_a_finished_partner_at_its_end(tmp_path):
     assert pair["partner_state"] == "final state" and pair["predictors"] == "against finished"
     assert decision["predictor"]["against_finished"]["trained_on"]["direct"] > 0
     assert 0 < pair["retention_self"] <= 1 and 0 < pair["retention_other"] <= 1
+
+
+def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypatch):
+    for name, seed in (("a", 0), ("c", 2)):
+        rows = _classification_rows(seed=seed)
+        _train(tmp_path, name, _callback(tmp_path, name), max_steps=12, rows=rows)
+    predictor = _constant_predictor(tmp_path, 0.97)
+    callback = _callback(tmp_path, "b", predictor=predictor)
+    _train(tmp_path, "b", callback, max_steps=12, rows=_classification_rows(seed=1))
+    decision = callback.decision
+    assert sorted(decision["set"]["members"]) == ["a", "b", "c"]
+    # every member loses 0.03 to each of the two others: a and c's damage to each other counts
+    assert decision["set"]["predicted_min"] == pytest.approx(0.94)
+    assert "the partners' damage to each other included" in decision["reasons"][-1]
+    # a failure there costs the check, not the decision, and says so
+    import mergeprobe.callback
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no partners today")
+
+    monkeypatch.setattr(mergeprobe.callback, "predict_between", broken)
+    callback = _callback(tmp_path, "d", predictor=predictor)
+    _train(tmp_path, "d", callback, max_steps=12, rows=_classification_rows(seed=3))
+    assert callback.decision["decision"] == "merge" and not callback.decision.get("failed")
+    assert any("could not be weighed" in r for r in callback.decision["reasons"])
+    _validate(read_log(tmp_path / "d.jsonl"))
+
+
+def test_predictors_of_ones_own_per_state(tmp_path):
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)  # finished
+    mine = _constant_predictor(tmp_path, 0.97)
+    callback = _callback(tmp_path, "b", predictor={"early_vs_final": mine})
+    _train(tmp_path, "b", callback, max_steps=12, rows=_classification_rows(seed=1))
+    decision = callback.decision
+    (pair,) = decision["pairs"]
+    # this run beside the finished a by the file given for that state; a's own retention by
+    # the shipped 5 % set, as with the defaults
+    assert pair["partner_state"] == "final state" and pair["predictors"] == "against finished"
+    assert pair["retention_self"] == pytest.approx(0.97)
+    assert pair["retention_other"] != pytest.approx(0.97)
+    assert decision["predictor"]["name"] == "default (early)"
+    assert decision["predictor"]["against_finished"]["name"] == str(mine)
+    _validate(read_log(tmp_path / "b.jsonl"))
+    with pytest.raises(InvalidParameterError, match="states"):
+        _callback(tmp_path, "c", predictor={"rehearsal": mine})
+    with pytest.raises(InvalidParameterError, match="states"):
+        _callback(tmp_path, "c", predictor={})
 
 
 def test_incompatible_run_is_stopped_early(tmp_path):

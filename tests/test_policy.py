@@ -67,6 +67,27 @@ def test_the_partner_side_counts_too():
     assert decision.decision == "route"
 
 
+def test_partners_are_weighed_against_each_other():
+    pairs = [_pair("run", "a", 0.97), _pair("run", "b", 0.96)]
+    # a and b each fit with the run, but b would cost a 0.2 of its gain
+    clash = [_pair("b", "a", 0.99, other={"direct": 0.8, "mean": 0.8})]  # the reverse key
+    decision = POLICY.decide("run", pairs, clash)
+    assert decision.members == ["run", "a"]
+    assert decision.predicted_min == pytest.approx(0.97)
+    # compatible partners join together: every member's set retention is >= tau
+    decision = POLICY.decide("run", pairs, [_pair("a", "b", 0.99)])
+    assert decision.members == ["run", "a", "b"]
+    # run 1 - 0.03 - 0.04, a 1 - 0.03 - 0.01, b 1 - 0.04 - 0.01
+    assert decision.predicted_min == pytest.approx(0.93)
+    assert decision.predicted_mean == pytest.approx((0.93 + 0.96 + 0.95) / 3)
+    assert "run 0.930, a 0.960, b 0.950" in decision.reasons[-1]
+    # two partners without a prediction between them are not merged together
+    assert POLICY.decide("run", pairs, []).members == ["run", "a"]
+    # without partner_pairs each partner is weighed against the run only, as before
+    alone = POLICY.decide("run", pairs)
+    assert alone.members == ["run", "a", "b"] and alone.predicted_min == pytest.approx(0.93)
+
+
 def test_plan_groups_compatible_adapters_and_routes_the_rest():
     names = ["a", "b", "c"]
     table = {
@@ -352,3 +373,49 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
     table = {(p["self"], p["other"]): p["retention"]["direct"] for p in mine["pairs"]}
     assert table[("run", "done")] == pytest.approx(1 - 0.3 * 4 / 2)
     assert "early_vs_final" not in mine["predictor"]
+
+
+def test_predict_between_gives_the_plans_predictions(monkeypatch):
+    import mergeprobe.predictor
+    from mergeprobe import predict_between
+    from mergeprobe.policy import build_plan
+
+    run = _norm_signature("run", [("probe", 0.05, 2.0)])
+    done = _norm_signature("done", [("final", 1.0, 4.0)])
+    done2 = _norm_signature("done2", [("final", 1.0, 2.0)])
+    # predictors of one's own: every pair, one prediction per unordered pair
+    (pair,) = predict_between([done, done2], _norm_damage(0.3))
+    assert (pair.self, pair.other) == ("done", "done2")
+    assert pair.retention_self["direct"] == pytest.approx(1 - 0.3 * 2 / 4)
+    assert pair.retention_other["direct"] == pytest.approx(1 - 0.3 * 4 / 2)
+    low, high = pair.interval["direct"]
+    assert low <= pair.retention_self["direct"] <= high
+    assert predict_between([done], _norm_damage(0.3)) == []
+    # the shipped sets, each pair by the set for its states, as build_plan reads them
+    shipped = {
+        "early": _norm_damage(0.1),
+        "early_vs_final": _norm_damage(0.05),
+        "final": _norm_damage(0.2),
+    }
+    monkeypatch.setattr(
+        mergeprobe.predictor,
+        "load_predictors",
+        lambda path=None, *, state="early": (shipped[state], {"trained_on": state}),
+    )
+    between = predict_between([run, done, done2])
+    plan = build_plan([run, done, done2], policy=Policy(tau=0.1, methods=("direct",)))
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
+    assert len(between) == 3
+    for p in between:
+        assert p.retention_self["direct"] == pytest.approx(table[(p.self, p.other)])
+        assert p.retention_other["direct"] == pytest.approx(table[(p.other, p.self)])
+    by_name = {(p.self, p.other): p for p in between}
+    assert by_name[("run", "done")].retention_self["direct"] == pytest.approx(1 - 0.05 * 4 / 2)
+    assert by_name[("done", "done2")].retention_self["direct"] == pytest.approx(1 - 0.2 * 2 / 4)
+    # sets of one's own replace the shipped set of their state only
+    mine = predict_between([run, done, done2], sets={"final": _norm_damage(0.5)})
+    by_name = {(p.self, p.other): p for p in mine}
+    assert by_name[("done", "done2")].retention_self["direct"] == pytest.approx(1 - 0.5 * 2 / 4)
+    assert by_name[("run", "done")].retention_self["direct"] == pytest.approx(1 - 0.05 * 4 / 2)
+    with pytest.raises(InvalidParameterError, match="keyed by"):
+        predict_between([done, done2], sets={"rehearsal": _norm_damage(0.5)})

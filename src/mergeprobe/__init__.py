@@ -10,7 +10,14 @@ from .exceptions import (
     MergeprobeError,
 )
 from .merge import apply_plan, load_served_model
-from .policy import Decision, PairPrediction, Policy, build_plan, predict_pairs
+from .policy import (
+    Decision,
+    PairPrediction,
+    Policy,
+    build_plan,
+    predict_between,
+    predict_pairs,
+)
 from .predictor import (
     RetentionPredictor,
     UnsafePredictorError,
@@ -48,6 +55,7 @@ __all__ = [
     "load_predictors",
     "load_served_model",
     "pairwise_signals",
+    "predict_between",
     "predict_pairs",
     "read_log",
     "rehearsal_kl",

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,14 @@ from transformers.trainer_callback import ExportableState
 from ._util import utc_now
 from .decision_log import DecisionLog
 from .exceptions import InvalidParameterError, MergeprobeError
-from .policy import Policy, predict_pairs
+from .policy import Policy, predict_between, predict_pairs
 from .predictor import load_predictors
 from .probe import SignalRecorder, positive_int, resolve_anchor_inputs
 from .signature import Signature
 from .store import SignatureStore, sanitize_name
+
+# The predictor sets a decision may read, by the states of the pair (``predictor={...}``).
+PER_STATE = ("early", "early_vs_final", "final")
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +198,16 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         compare_with (`Sequence[str]`, *optional*):
             Store entries to compare with at the horizon. Defaults to every other entry;
             incompatible ones (other base model or anchor set) are skipped with a reason.
-        predictor (`str` or `os.PathLike`, *optional*):
+        predictor (`str`, `os.PathLike` or `dict`, *optional*):
             A predictor file written by `save_predictors` / `mergeprobe.fit`, used for
-            every partner, each read at this run's fraction (at its last state if it has no
-            probe that early). Defaults to the ones shipped with mergeprobe (fitted on its
-            benchmark): partners that finished training are read at their final state with
-            the predictors fitted for that, the others at this run's fraction.
+            every pair, each partner read at this run's fraction (at its last state if it
+            has no probe that early). Defaults to the ones shipped with mergeprobe (fitted on
+            its benchmark): partners that finished training are read at their final state
+            with the predictors fitted for that, the others at this run's fraction. A dict
+            from states to files (`"early"`: this run beside partners at its fraction,
+            `"early_vs_final"`: beside finished partners, `"final"`: finished partners
+            beside each other) keeps that per-pair choice with files of one's own; a state
+            left out uses the shipped set.
         policy ([`Policy`] or `dict`, *optional*):
             Thresholds of the decision (a dict of `Policy` fields also works). Defaults to
             `Policy()`.
@@ -237,7 +244,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         drift_sketch_size: int = 64,
         max_drift_layers: int = 12,
         compare_with: Sequence[str] | None = None,
-        predictor: str | os.PathLike | None = None,
+        predictor: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
         policy: Policy | None = None,
         on_incompatible: str = "continue",
     ) -> None:
@@ -247,6 +254,14 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 f"The 'on_incompatible' parameter of {owner} must be 'continue' or 'stop'. "
                 f"Got {on_incompatible!r} instead."
             )
+        if isinstance(predictor, Mapping):
+            unknown = sorted(set(predictor) - set(PER_STATE))
+            if unknown or not predictor:
+                raise InvalidParameterError(
+                    f"The 'predictor' parameter of {owner} must be a file or a dict from "
+                    f"states {list(PER_STATE)} to files. Got the keys {sorted(predictor)}."
+                )
+            predictor = {state: os.fspath(path) for state, path in predictor.items()}
         if isinstance(policy, dict):  # from the JSON callback state of a checkpoint
             policy = Policy(**policy)
         if policy is not None and not isinstance(policy, Policy):
@@ -361,7 +376,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 "max_drift_layers": self.max_drift_layers,
                 # what the horizon decision depends on, so a resumed run decides the same
                 "compare_with": self.compare_with,
-                "predictor": str(self.predictor) if self.predictor is not None else None,
+                "predictor": (
+                    self.predictor
+                    if isinstance(self.predictor, dict) or self.predictor is None
+                    else str(self.predictor)
+                ),
                 "policy": dataclasses.asdict(self.policy) if self.policy is not None else None,
                 "on_incompatible": self.on_incompatible,
             },
@@ -750,10 +769,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     def _decision_record(self) -> dict[str, Any]:
         """Compare this run with the store and decide (world process zero only)."""
-        predictors, meta = load_predictors(self.predictor)
-        finished = None
-        if self.predictor is None:
-            finished, finished_meta = load_predictors(state="early_vs_final")
+        sets = self._predictor_sets()
+        predictors, meta = sets["early"]
+        finished, finished_meta = sets.get("early_vs_final", (None, {}))
         policy = self.policy or Policy()
         names = self.compare_with
         if names is None:
@@ -767,7 +785,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         pairs, notes = predict_pairs(
             self.signature, partners, predictors, against_finished=finished
         )
-        decision = policy.decide(self.signature.name, pairs)
+        between, between_note = self._partner_pairs(policy, pairs, partners, sets)
+        decision = policy.decide(self.signature.name, pairs, between)
         method = decision.method or policy.methods[0]
         by_name = {n["with"]: n for n in notes}
         pair_records = [{**p.as_record(method), **by_name.get(p.other, {})} for p in pairs]
@@ -775,6 +794,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         for note in [*skipped, *(n for n in notes if "skipped" in n)]:
             reasons.append(f"not compared with {note['with']}: {note['skipped']}")
         reasons.extend(n["layers_note"] for n in notes if n.get("layers_note"))
+        if between_note:
+            reasons.append(between_note)
         return {
             "decision": decision.decision,
             "reasons": reasons,
@@ -783,16 +804,83 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             "weights": decision.weights,
             "tau": policy.tau,
             "predictor": {
-                "name": str(self.predictor or "default"),
+                "name": self._predictor_name("early"),
                 "version": meta.get("mergeprobe_version"),
                 "trained_on": meta.get("trained_on"),
                 **(
-                    {"against_finished": {"trained_on": finished_meta.get("trained_on")}}
+                    {
+                        "against_finished": {
+                            "name": self._predictor_name("early_vs_final"),
+                            "trained_on": finished_meta.get("trained_on"),
+                        }
+                    }
                     if finished is not None
                     else {}
                 ),
             },
         }
+
+    def _predictor_sets(self) -> dict[str, tuple[dict, dict]]:
+        """(predictors, metadata) per state: one file for every pair (``"early"`` only), else
+        the shipped sets, each replaced by the user's file for its state where given."""
+        if self.predictor is not None and not isinstance(self.predictor, dict):
+            return {"early": load_predictors(self.predictor)}
+        given = self.predictor or {}
+        # the final set is loaded only if partners are weighed against each other
+        sets = {
+            state: load_predictors(given.get(state), state=state)
+            for state in ("early", "early_vs_final")
+        }
+        if given:  # files of one's own may cover fewer merge methods than the shipped ones
+            methods = set.intersection(*(set(p) for p, _ in sets.values()))
+            if not methods:
+                raise InvalidParameterError(
+                    "the predictor files given per state share no merge method: "
+                    + "; ".join(f"{s}: {sorted(p)}" for s, (p, _) in sets.items())
+                )
+            sets = {
+                s: ({m: v for m, v in p.items() if m in methods}, meta)
+                for s, (p, meta) in sets.items()
+            }
+        return sets
+
+    def _predictor_name(self, state: str) -> str:
+        if isinstance(self.predictor, dict):
+            return str(self.predictor.get(state, f"default ({state})"))
+        return str(self.predictor or "default")
+
+    def _partner_pairs(
+        self, policy: Policy, pairs, partners, sets
+    ) -> tuple[list | None, str | None]:
+        """Predictions among the partners that could join this run (both sides >= tau under
+        some method), so the decision keeps every member of the group >= tau, not only this
+        run. On failure the decision weighs each partner against this run only, and says so."""
+        candidates = {
+            p.other
+            for p in pairs
+            for m in policy.methods
+            if min(p.retention_self.get(m, -math.inf), p.retention_other.get(m, -math.inf))
+            >= policy.tau
+        }
+        chosen = [s for s in partners if s.name in candidates]
+        if len(chosen) < 2:
+            return None, None
+        try:
+            if self.predictor is not None and not isinstance(self.predictor, dict):
+                return predict_between(chosen, sets["early"][0]), None
+            given = self.predictor or {}
+            own = {state: sets[state][0] for state in sets if state in given}
+            if "final" in given:
+                own["final"] = load_predictors(given["final"])[0]
+            return predict_between(chosen, sets=own), None
+        except Exception as exc:
+            if self.strict:
+                raise
+            logger.warning("mergeprobe: partners not weighed against each other (%r)", exc)
+            return None, (
+                f"the partners could not be weighed against each other ({exc!r}): each is "
+                "weighed against this run only"
+            )
 
     def _decide(self, state, control) -> None:
         """At the horizon: write a decision; with on_incompatible="stop", stop on "route"."""
@@ -810,7 +898,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                     "reasons": [f"no prediction could be made ({exc!r}); serve it separately"],
                     "pairs": [],
                     "set": {"members": [self.signature.name]},
-                    "predictor": {"name": str(self.predictor or "default"), "version": None},
+                    "predictor": {"name": self._predictor_name("early"), "version": None},
                     "failed": True,
                 }
             # One-time cost (loads every partner and the predictor); benchmarks/overhead.py

@@ -18,7 +18,15 @@ from ._util import RESERVED_NAMES
 from .exceptions import InvalidParameterError, MergeprobeError
 from .predictor import METHODS, set_retention
 
-__all__ = ["PLAN_SCHEMA", "Decision", "PairPrediction", "Policy", "build_plan", "predict_pairs"]
+__all__ = [
+    "PLAN_SCHEMA",
+    "Decision",
+    "PairPrediction",
+    "Policy",
+    "build_plan",
+    "predict_between",
+    "predict_pairs",
+]
 
 DECISIONS = ("merge", "reweight", "prune", "route")
 
@@ -107,8 +115,20 @@ class Policy:
             return {m: 1.0 / len(members) for m in members}
         return None
 
-    def decide(self, name: str, pairs: Sequence[PairPrediction]) -> Decision:
-        """Decision for adapter ``name`` given its predictions against other adapters."""
+    def decide(
+        self,
+        name: str,
+        pairs: Sequence[PairPrediction],
+        partner_pairs: Iterable[PairPrediction] | None = None,
+    ) -> Decision:
+        """Decision for adapter ``name`` given its predictions against other adapters.
+
+        ``partner_pairs`` (predictions among the partners themselves, ``self`` and ``other``
+        both partners) makes the group's worst member count: a partner joins only while every
+        member's predicted set retention, the partners' damage from each other included,
+        stays at or above ``tau``, and two partners without a prediction between them are
+        not merged together. Without it, each partner is weighed against this run only.
+        """
         if not pairs:
             return Decision(
                 "merge",
@@ -129,6 +149,9 @@ class Policy:
                 ],
                 members=[name, best.other],
             )
+        between = None
+        if partner_pairs is not None:
+            between = {(p.self, p.other): p for p in partner_pairs}
         for method in self.methods:
             fits = [
                 p
@@ -138,15 +161,11 @@ class Policy:
             ]
             if not fits:
                 continue
-            # Partners enter in order of the smaller predicted retention, as long as this
-            # run's set retention stays above tau.
+            # Partners enter in order of the smaller predicted retention, as long as every
+            # member's set retention stays above tau (the first always fits).
             fits.sort(key=lambda p: -min(p.retention_self[method], p.retention_other[method]))
-            chosen: list[PairPrediction] = []
-            for p in fits:  # the first always fits: its own retention is >= tau
-                if set_retention([q.retention_self[method] for q in [*chosen, p]]) >= self.tau:
-                    chosen.append(p)
+            chosen, others = self._group(fits, method, between)
             own = set_retention([p.retention_self[method] for p in chosen])
-            others = [p.retention_other[method] for p in chosen]
             members = [name, *(p.other for p in chosen)]
             reasons = [
                 f"predicted retention with {p.other} under the {method} merge: "
@@ -154,6 +173,15 @@ class Policy:
                 f"({p.other}) >= tau {self.tau:.2f}"
                 for p in chosen
             ]
+            if between is not None and len(chosen) > 1:
+                reasons.append(
+                    f"predicted set retention of every member under the {method} merge: "
+                    + ", ".join(
+                        f"{m} {v:.3f}" for m, v in zip(members, [own, *others], strict=True)
+                    )
+                    + f" (all >= tau {self.tau:.2f}, the partners' damage to each other "
+                    "included)"
+                )
             if method != self.methods[0]:
                 reasons.insert(
                     0,
@@ -179,6 +207,42 @@ class Policy:
             ],
             members=[name],
         )
+
+    def _group(
+        self,
+        fits: Sequence[PairPrediction],
+        method: str,
+        between: Mapping[tuple[str, str], PairPrediction] | None,
+    ) -> tuple[list[PairPrediction], list[float]]:
+        """``decide``'s greedy: ``fits`` in order, each kept if every member stays >= tau.
+        Returns the partners chosen and each one's predicted set retention in the group."""
+
+        def between_retention(a: str, b: str) -> float:
+            value = -math.inf  # not predicted: counts as incompatible
+            if between is not None and (a, b) in between:
+                value = between[(a, b)].retention_self.get(method, -math.inf)
+            elif between is not None and (b, a) in between:
+                value = between[(b, a)].retention_other.get(method, -math.inf)
+            return value if math.isfinite(value) else -math.inf
+
+        chosen: list[PairPrediction] = []
+        # each chosen partner's set retention so far: its side with the run, then the others
+        partner_values: list[float] = []
+        for p in fits:
+            if set_retention([q.retention_self[method] for q in [*chosen, p]]) < self.tau:
+                continue
+            if between is not None:
+                to_p = [between_retention(q.other, p.other) for q in chosen]
+                from_p = [between_retention(p.other, q.other) for q in chosen]
+                updated = [v - (1.0 - d) for v, d in zip(partner_values, to_p, strict=True)]
+                own_p = set_retention([p.retention_other[method], *from_p])
+                if min([own_p, *updated]) < self.tau:
+                    continue
+                partner_values = [*updated, own_p]
+            else:
+                partner_values.append(p.retention_other[method])
+            chosen.append(p)
+        return chosen, partner_values
 
     def plan(self, names: Sequence[str], pairs: Iterable[PairPrediction]) -> list[Decision]:
         """Greedy grouping of ``names`` into as few merged models as keep all members ≥ tau.
@@ -570,6 +634,115 @@ def _cells_by_predictor(choices, rows, cols):
     return [(p, (rows[m], cols[m])) for p, m in parts if m.any()]
 
 
+def _predictors_by_cell(signatures, predictors, predictor_info, sets=None):
+    """The predictors for a set of signatures: the given ones for every pair, else the set for
+    their state (from ``sets``, else shipped), with the sets for a run beside a finished adapter
+    and two finished adapters in a mixed store as ``(predictors, (n, n) mask of the cells they
+    predict)``."""
+    from .predictor import load_predictors
+
+    def load(state: str):
+        if sets and state in sets:
+            return sets[state], {"name": "given"}
+        return load_predictors(state=state)
+
+    others: list[tuple[dict[str, Any], np.ndarray]] = []
+    if predictors is None:
+        state = plan_state(signatures)
+        predictors, meta = load(state)
+        predictor_info = {"name": f"default ({state})", **meta, **(predictor_info or {})}
+        done = np.array([_finished(s) for s in signatures])
+        if state == "early" and done.any():
+            # Each pair by the set fitted for its states: a run beside a finished adapter,
+            # two finished adapters; the rest (a finished adapter beside a run) by the 5 % set.
+            for other_state, cells in (
+                ("early_vs_final", ~done[:, None] & done[None, :]),
+                ("final", done[:, None] & done[None, :]),
+            ):
+                if cells.any():
+                    extra_predictors, extra = load(other_state)
+                    others.append((extra_predictors, cells))
+                    predictor_info[other_state] = {
+                        "name": f"default ({other_state})",
+                        "trained_on": extra.get("trained_on"),
+                    }
+    return predictors, others, predictor_info
+
+
+def _retention_matrices(signatures, predictors, others, methods, cells, signals, progress):
+    """Predicted retention and its interval bounds, (n, n) per method (``-inf`` outside
+    ``cells``, the (rows, cols) compared), and the signal matrices they were read from."""
+    names = [s.name for s in signatures]
+    n = len(names)
+    needed = _needed_signals(
+        [*(predictors[m] for m in methods), *(p for extra, _ in others for p in extra.values())]
+    )
+    given = _given_signals(signals, names)
+    matrices = _signal_matrices(signatures, needed - set(given), progress)
+    matrices.update(given)
+    rows, cols = cells
+    retention, low, high = {}, {}, {}
+    for method in methods:
+        predictor = predictors[method]
+        values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
+        choices = [(extra[method], mask) for extra, mask in others if method in extra]
+        for chosen, (r, c) in _cells_by_predictor([*choices, (predictor, None)], rows, cols):
+            read = [*chosen.features, *(getattr(chosen, "fallback_features", None) or ())]
+            X = {f: matrices[f][r, c] for f in read}  # one column per signal
+            values[r, c] = chosen.predict(X)
+            interval = chosen.predict_interval(X)  # per row: a fallback has its own
+            lo[r, c], hi[r, c] = interval[:, 0], interval[:, 1]
+        retention[method], low[method], high[method] = values, lo, hi
+    return retention, low, high, matrices
+
+
+def predict_between(
+    signatures: Sequence,
+    predictors: Mapping[str, Any] | None = None,
+    *,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[PairPrediction]:
+    """Predictions among ``signatures`` (one per unordered compatible pair, each at its last
+    probe, by the predictors ``build_plan`` would use): the ``partner_pairs`` with which
+    ``Policy.decide`` weighs a run's partners against each other.
+
+    ``predictors`` predicts every pair; without it each pair is predicted by the set for its
+    states, taken from ``sets`` (state -> predictors, states as in ``load_predictors``) where
+    given, else the shipped one.
+    """
+    unknown = sorted(set(sets or ()) - {"early", "early_vs_final", "final"})
+    if unknown:
+        raise InvalidParameterError(
+            f"sets are keyed by 'early', 'early_vs_final' and 'final'; got {unknown}"
+        )
+    from .signals.compare import compatibility_matrix
+
+    signatures = list(signatures)
+    n = len(signatures)
+    if n < 2:
+        return []
+    predictors, others, _ = _predictors_by_cell(signatures, predictors, None, sets)
+    methods = list(predictors)
+    compared = compatibility_matrix(signatures).numpy() & ~np.eye(n, dtype=bool)
+    rows, cols = np.nonzero(compared)
+    retention, low, high, matrices = _retention_matrices(
+        signatures, predictors, others, methods, (rows, cols), None, False
+    )
+    out = []
+    for i, j in zip(*np.nonzero(np.triu(compared)), strict=True):
+        out.append(
+            PairPrediction(
+                signatures[i].name,
+                signatures[j].name,
+                {m: float(retention[m][i, j]) for m in methods},
+                {m: float(retention[m][j, i]) for m in methods},
+                {m: (float(low[m][i, j]), float(high[m][i, j])) for m in methods},
+                redundancy=float(matrices["drift_cosine"][i, j]),
+            )
+        )
+    return out
+
+
 def build_plan(
     signatures: Sequence,
     predictors: Mapping[str, Any] | None = None,
@@ -597,31 +770,11 @@ def build_plan(
     """
     from ._util import clean_json, utc_now
     from ._version import __version__
-    from .predictor import load_predictors
     from .signals.compare import compatibility_matrix
     from .signature import check_compatible
 
     signatures = list(signatures)
-    others: list[tuple[dict[str, Any], np.ndarray]] = []  # (predictors, cells they predict)
-    if predictors is None:
-        state = plan_state(signatures)
-        predictors, meta = load_predictors(state=state)
-        predictor_info = {"name": f"default ({state})", **meta, **(predictor_info or {})}
-        done = np.array([_finished(s) for s in signatures])
-        if state == "early" and done.any():
-            # Each pair by the set fitted for its states: a run beside a finished adapter,
-            # two finished adapters; the rest (a finished adapter beside a run) by the 5 % set.
-            for other_state, cells in (
-                ("early_vs_final", ~done[:, None] & done[None, :]),
-                ("final", done[:, None] & done[None, :]),
-            ):
-                if cells.any():
-                    extra_predictors, extra = load_predictors(state=other_state)
-                    others.append((extra_predictors, cells))
-                    predictor_info[other_state] = {
-                        "name": f"default ({other_state})",
-                        "trained_on": extra.get("trained_on"),
-                    }
+    predictors, others, predictor_info = _predictors_by_cell(signatures, predictors, predictor_info)
     policy = policy or Policy()
     methods = [m for m in policy.methods if m in predictors]
     if not methods:
@@ -635,27 +788,11 @@ def build_plan(
         raise InvalidParameterError("two signatures share a name; names must be unique")
     n = len(names)
     include_pairs = n <= 200 if include_pairs is None else include_pairs
-
-    needed = _needed_signals(
-        [*(predictors[m] for m in methods), *(p for extra, _ in others for p in extra.values())]
-    )
-    given = _given_signals(signals, names)
-    matrices = _signal_matrices(signatures, needed - set(given), progress)
-    matrices.update(given)
     compared = compatibility_matrix(signatures).numpy() & ~np.eye(n, dtype=bool)
     rows, cols = np.nonzero(compared)
-    retention, low, high = {}, {}, {}
-    for method in methods:
-        predictor = predictors[method]
-        values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
-        choices = [(extra[method], cells) for extra, cells in others if method in extra]
-        for chosen, (r, c) in _cells_by_predictor([*choices, (predictor, None)], rows, cols):
-            read = [*chosen.features, *(getattr(chosen, "fallback_features", None) or ())]
-            X = {f: matrices[f][r, c] for f in read}  # one column per signal
-            values[r, c] = chosen.predict(X)
-            interval = chosen.predict_interval(X)  # per row: a fallback has its own
-            lo[r, c], hi[r, c] = interval[:, 0], interval[:, 1]
-        retention[method], low[method], high[method] = values, lo, hi
+    retention, low, high, matrices = _retention_matrices(
+        signatures, predictors, others, methods, (rows, cols), signals, progress
+    )
     redundancy = matrices["drift_cosine"]
     decisions = policy.plan_matrix(names, retention, redundancy)
 
