@@ -329,11 +329,9 @@ def test_a_finished_partner_is_read_at_its_end_by_the_predictors_for_it():
         predict_pairs(run, [done], early, against_finished={"mean": finished["direct"]})
 
 
-def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predictors_for_it(
-    monkeypatch,
-):
+def _ship_norm_damage(monkeypatch):
+    """Shipped sets replaced by exact damage models: 5 % 0.1, against finished 0.05, final 0.2."""
     import mergeprobe.predictor
-    from mergeprobe.policy import build_plan
 
     shipped = {
         "early": _norm_damage(0.1),
@@ -345,6 +343,14 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
         "load_predictors",
         lambda path=None, *, state="early": (shipped[state], {"trained_on": state}),
     )
+
+
+def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predictors_for_it(
+    monkeypatch,
+):
+    from mergeprobe.policy import build_plan
+
+    _ship_norm_damage(monkeypatch)
     run = _norm_signature("run", [("probe", 0.05, 2.0)])
     other_run = _norm_signature("other_run", [("probe", 0.05, 1.0)])
     done = _norm_signature("done", [("final", 1.0, 4.0)])
@@ -376,7 +382,6 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
 
 
 def test_predict_between_gives_the_plans_predictions(monkeypatch):
-    import mergeprobe.predictor
     from mergeprobe import predict_between
     from mergeprobe.policy import build_plan
 
@@ -392,16 +397,7 @@ def test_predict_between_gives_the_plans_predictions(monkeypatch):
     assert low <= pair.retention_self["direct"] <= high
     assert predict_between([done], _norm_damage(0.3)) == []
     # the shipped sets, each pair by the set for its states, as build_plan reads them
-    shipped = {
-        "early": _norm_damage(0.1),
-        "early_vs_final": _norm_damage(0.05),
-        "final": _norm_damage(0.2),
-    }
-    monkeypatch.setattr(
-        mergeprobe.predictor,
-        "load_predictors",
-        lambda path=None, *, state="early": (shipped[state], {"trained_on": state}),
-    )
+    _ship_norm_damage(monkeypatch)
     between = predict_between([run, done, done2])
     plan = build_plan([run, done, done2], policy=Policy(tau=0.1, methods=("direct",)))
     table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
