@@ -95,19 +95,18 @@ def between_finished(
     table: pd.DataFrame, frame: pd.DataFrame, features: list[str], methods: list[str]
 ) -> dict[str, dict[tuple[str, str], float]]:
     """Each finished adapter's predicted retention beside another finished adapter, for every
-    pair of the table (same-task ones too): the final signals by the shipped final model kind,
-    fitted on the cross-task pairs that involve neither the adapter's task (one fold per
-    task)."""
+    pair of the table (same-task ones too): the final signals by the shipped final model kind
+    (its power fitted too), fitted on the cross-task pairs that involve neither the adapter's
+    task (one fold per task)."""
     columns = [f"final_{f}" for f in features]
     names = [signal_name(c) for c in columns]
     out = {}
     for method in methods:
         y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
-        power = fitted_power(frame, columns, y, "damage")
         values: dict[tuple[str, str], float] = {}
         for task in sorted(frame.self_task.unique()):
             train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
-            predictor = RetentionPredictor(features=tuple(names), model="damage", power=power)
+            predictor = RetentionPredictor(features=tuple(names), model="damage", power="auto")
             predictor.fit(
                 frame.loc[train, columns].set_axis(names, axis=1),
                 y[train],
@@ -388,8 +387,8 @@ def main(argv=None) -> int:
         "- Partners weighed against each other (what the callback does): `Policy.decide` is "
         "given the partners' predictions beside each other (`partner_pairs`). Predicted: "
         f"both finished, the damage model on {', '.join(finished_features)} from the final "
-        "signatures (the shipped final set's kind and power), fitted without the predicted "
-        "adapter's task; measured: the measured pairs.",
+        "signatures (the shipped final set's kind, its power fitted in each fold), fitted "
+        "without the predicted adapter's task; measured: the measured pairs.",
         "- Group's worst member: the smallest measured set retention (additive damage over the "
         "measured pairs) of any member of the merged group, the run or a partner.",
     ]

@@ -12,6 +12,7 @@ from mergeprobe import (
     Policy,
     RetentionPredictor,
     decision_log_schema,
+    load_predictors,
     read_log,
     save_predictors,
 )
@@ -110,6 +111,32 @@ def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypat
     # every member loses 0.03 to each of the two others: a and c's damage to each other counts
     assert decision["set"]["predicted_min"] == pytest.approx(0.94)
     assert "the partners' damage to each other included" in decision["reasons"][-1]
+    assert decision["predictor"]["between"]["name"] == str(predictor)
+    # the shipped sets: a, b and c finished, so the final set weighs them against each other
+    low = Policy(tau=0.1)
+    callback = _callback(tmp_path, "e", policy=low)
+    _train(tmp_path, "e", callback, max_steps=12, rows=_classification_rows(seed=4))
+    decision = callback.decision
+    assert decision["predictor"]["between"]["name"] == "default (final)"
+    assert decision["predictor"]["against_finished"]["name"] == "default (early_vs_final)"
+    members, method = decision["set"]["members"], decision["set"]["method"]
+    assert len(members) == 4  # at tau 0.1 everyone fits
+    # every member's set retention, by the pairs with e and predict_between on the store
+    from mergeprobe import SignatureStore, predict_between
+
+    store = SignatureStore(tmp_path / "store")
+    between = predict_between([store.load(m) for m in members[1:]], methods=[method])
+    damage = {m: 0.0 for m in members}
+    for p in decision["pairs"]:
+        damage["e"] += 1 - p["retention_self"]
+        damage[p["with"]] += 1 - p["retention_other"]
+    for p in between:
+        damage[p.self] += 1 - p.retention_self[method]
+        damage[p.other] += 1 - p.retention_other[method]
+    expected = [1 - d for d in damage.values()]
+    assert decision["set"]["predicted_min"] == pytest.approx(min(expected))
+    assert decision["set"]["predicted_mean"] == pytest.approx(sum(expected) / 4)
+    _validate(read_log(tmp_path / "e.jsonl"))
     # a failure there costs the check, not the decision, and says so
     import mergeprobe.callback
 
@@ -139,8 +166,24 @@ def test_predictors_of_ones_own_per_state(tmp_path):
     assert decision["predictor"]["name"] == "default (early)"
     assert decision["predictor"]["against_finished"]["name"] == str(mine)
     _validate(read_log(tmp_path / "b.jsonl"))
+    # the dict survives a checkpoint: the state holds a copy, and rebuilds the callback
+    args = callback.state()["args"]
+    assert args["predictor"] == {"early_vs_final": str(mine)}
+    args["predictor"]["final"] = "elsewhere.skops"
+    assert callback.predictor == {"early_vs_final": str(mine)}
+    assert type(callback)(**callback.state()["args"]).predictor == callback.predictor
+    # files that share no merge method: no decision can be made, the record says why
+    only_dare = save_predictors(
+        {"dare": load_predictors(mine)[0]["direct"]}, tmp_path / "dare.skops", {}
+    )
+    callback = _callback(tmp_path, "c", predictor={"early_vs_final": mine, "final": only_dare})
+    _train(tmp_path, "c", callback, max_steps=12, rows=_classification_rows(seed=2))
+    assert callback.decision["failed"]
+    assert "share no merge method" in callback.decision["reasons"][0]
     with pytest.raises(InvalidParameterError, match="states"):
         _callback(tmp_path, "c", predictor={"rehearsal": mine})
+    with pytest.raises(InvalidParameterError, match="maps states to predictor files"):
+        _callback(tmp_path, "c", predictor={"final": None})
     with pytest.raises(InvalidParameterError, match="states"):
         _callback(tmp_path, "c", predictor={})
 

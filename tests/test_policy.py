@@ -415,3 +415,29 @@ def test_predict_between_gives_the_plans_predictions(monkeypatch):
     assert by_name[("run", "done")].retention_self["direct"] == pytest.approx(1 - 0.05 * 4 / 2)
     with pytest.raises(InvalidParameterError, match="keyed by"):
         predict_between([done, done2], sets={"rehearsal": _norm_damage(0.5)})
+
+    # a method one set in use lacks is left out, never predicted by another state's set
+    def both(c):
+        return {"direct": _norm_damage(c)["direct"], "mean": _norm_damage(c)["direct"]}
+
+    sets = {"early": both(0.1), "early_vs_final": both(0.05), "final": {"mean": both(0.5)["mean"]}}
+    mixed = {(p.self, p.other): p for p in predict_between([run, done, done2], sets=sets)}
+    assert all(set(p.retention_self) == {"mean"} for p in mixed.values())
+    assert mixed[("done", "done2")].retention_self["mean"] == pytest.approx(1 - 0.5 * 2 / 4)
+    assert mixed[("run", "done")].retention_self["mean"] == pytest.approx(1 - 0.05 * 4 / 2)
+    with pytest.raises(InvalidParameterError, match="no merge method"):
+        predict_between([done, done2], _norm_damage(0.3), methods=["mean"])
+    with pytest.raises(InvalidParameterError, match="not both"):
+        predict_between([done, done2], _norm_damage(0.3), sets={"final": _norm_damage(0.5)})
+    with pytest.raises(InvalidParameterError, match="unique"):
+        predict_between([done, done], _norm_damage(0.3))
+
+
+def test_partner_pairs_that_are_not_finite_count_as_incompatible():
+    pairs = [_pair("run", "a", 0.97), _pair("run", "b", 0.96)]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        between = [_pair("a", "b", value, other={"direct": 0.99, "mean": 0.99})]
+        assert POLICY.decide("run", pairs, between).members == ["run", "a"]
+    # the partner that joins second is damaged by the first: its own side counts too
+    between = [_pair("a", "b", 0.99, other={"direct": 0.9, "mean": 0.9})]
+    assert POLICY.decide("run", pairs, between).members == ["run", "a"]

@@ -201,7 +201,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         predictor (`str`, `os.PathLike` or `dict`, *optional*):
             A predictor file written by `save_predictors` / `mergeprobe.fit`, used for
             every pair, each partner read at this run's fraction (at its last state if it
-            has no probe that early). Defaults to the ones shipped with mergeprobe (fitted on
+            has no probe that early; the partners against each other at their last states,
+            as in a plan). Defaults to the ones shipped with mergeprobe (fitted on
             its benchmark): partners that finished training are read at their final state
             with the predictors fitted for that, the others at this run's fraction. A dict
             from states to files (`"early"`: this run beside partners at its fraction,
@@ -260,6 +261,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 raise InvalidParameterError(
                     f"The 'predictor' parameter of {owner} must be a file or a dict from "
                     f"states {list(PER_STATE)} to files. Got the keys {sorted(predictor)}."
+                )
+            bad = {k: v for k, v in predictor.items() if not isinstance(v, (str, os.PathLike))}
+            if bad:
+                raise InvalidParameterError(
+                    f"The 'predictor' dict of {owner} maps states to predictor files. Got {bad!r}."
                 )
             predictor = {state: os.fspath(path) for state, path in predictor.items()}
         if isinstance(policy, dict):  # from the JSON callback state of a checkpoint
@@ -377,8 +383,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 # what the horizon decision depends on, so a resumed run decides the same
                 "compare_with": self.compare_with,
                 "predictor": (
-                    self.predictor
-                    if isinstance(self.predictor, dict) or self.predictor is None
+                    dict(self.predictor)
+                    if isinstance(self.predictor, dict)
+                    else None
+                    if self.predictor is None
                     else str(self.predictor)
                 ),
                 "policy": dataclasses.asdict(self.policy) if self.policy is not None else None,
@@ -796,6 +804,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         reasons.extend(n["layers_note"] for n in notes if n.get("layers_note"))
         if between_note:
             reasons.append(between_note)
+
         return {
             "decision": decision.decision,
             "reasons": reasons,
@@ -817,6 +826,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                     if finished is not None
                     else {}
                 ),
+                # what weighed the partners against each other (finished ones: the final set)
+                **(
+                    {"between": {"name": self._predictor_name("final")}}
+                    if between is not None
+                    else {}
+                ),
             },
         }
 
@@ -826,10 +841,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if self.predictor is not None and not isinstance(self.predictor, dict):
             return {"early": load_predictors(self.predictor)}
         given = self.predictor or {}
-        # the final set is loaded only if partners are weighed against each other
+        # the shipped final set is loaded only if partners are weighed against each other
         sets = {
             state: load_predictors(given.get(state), state=state)
-            for state in ("early", "early_vs_final")
+            for state in ("early", "early_vs_final", *(("final",) if "final" in given else ()))
         }
         if given:  # files of one's own may cover fewer merge methods than the shipped ones
             methods = set.intersection(*(set(p) for p, _ in sets.values()))
@@ -847,7 +862,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     def _predictor_name(self, state: str) -> str:
         if isinstance(self.predictor, dict):
             return str(self.predictor.get(state, f"default ({state})"))
-        return str(self.predictor or "default")
+        if self.predictor is None:
+            return "default" if state == "early" else f"default ({state})"
+        return str(self.predictor)
 
     def _partner_pairs(
         self, policy: Policy, pairs, partners, sets
@@ -866,13 +883,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if len(chosen) < 2:
             return None, None
         try:
+            methods = list(policy.methods)
             if self.predictor is not None and not isinstance(self.predictor, dict):
-                return predict_between(chosen, sets["early"][0]), None
-            given = self.predictor or {}
-            own = {state: sets[state][0] for state in sets if state in given}
-            if "final" in given:
-                own["final"] = load_predictors(given["final"])[0]
-            return predict_between(chosen, sets=own), None
+                # one file for every pair, as in a plan: partners at their last states
+                return predict_between(chosen, sets["early"][0], methods=methods), None
+            loaded = {state: predictors for state, (predictors, _) in sets.items()}
+            return predict_between(chosen, sets=loaded, methods=methods), None
         except Exception as exc:
             if self.strict:
                 raise

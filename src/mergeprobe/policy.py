@@ -701,6 +701,7 @@ def predict_between(
     predictors: Mapping[str, Any] | None = None,
     *,
     sets: Mapping[str, Mapping[str, Any]] | None = None,
+    methods: Sequence[str] | None = None,
 ) -> list[PairPrediction]:
     """Predictions among ``signatures`` (one per unordered compatible pair, each at its last
     probe, by the predictors ``build_plan`` would use): the ``partner_pairs`` with which
@@ -708,21 +709,34 @@ def predict_between(
 
     ``predictors`` predicts every pair; without it each pair is predicted by the set for its
     states, taken from ``sets`` (state -> predictors, states as in ``load_predictors``) where
-    given, else the shipped one.
+    given, else the shipped one. ``methods`` limits the merge methods predicted (default:
+    every method of the predictors).
     """
+    from .signals.compare import compatibility_matrix
+
+    signatures = list(signatures)
     unknown = sorted(set(sets or ()) - {"early", "early_vs_final", "final"})
     if unknown:
         raise InvalidParameterError(
             f"sets are keyed by 'early', 'early_vs_final' and 'final'; got {unknown}"
         )
-    from .signals.compare import compatibility_matrix
-
-    signatures = list(signatures)
+    if predictors is not None and sets:
+        raise InvalidParameterError("give predictors (every pair) or sets (per state), not both")
+    names = [s.name for s in signatures]
+    if len(set(names)) != len(names):
+        raise InvalidParameterError("two signatures share a name; names must be unique")
     n = len(signatures)
     if n < 2:
         return []
     predictors, others, _ = _predictors_by_cell(signatures, predictors, None, sets)
-    methods = list(predictors)
+    wanted = [m for m in predictors if methods is None or m in methods]
+    # a method some set in use lacks is left out, never predicted by another state's set
+    kept = [m for m in wanted if all(m in extra for extra, _ in others)]
+    if not kept:
+        raise InvalidParameterError(
+            f"no merge method of {wanted} is covered by every predictor set these signatures need"
+        )
+    methods = kept
     compared = compatibility_matrix(signatures).numpy() & ~np.eye(n, dtype=bool)
     rows, cols = np.nonzero(compared)
     retention, low, high, matrices = _retention_matrices(
