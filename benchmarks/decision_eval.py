@@ -45,14 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from benchmarks.plan_eval import write_report  # noqa: E402
-from benchmarks.predictor_eval import fitted_power, load_pairs, loto, signal_name  # noqa: E402
+from benchmarks.predictor_eval import fitted_power, load_pairs, loto  # noqa: E402
 from mergeprobe.policy import PairPrediction, Policy  # noqa: E402
-from mergeprobe.predictor import (  # noqa: E402
-    METHODS,
-    RetentionPredictor,
-    load_predictors,
-    set_retention,
-)
+from mergeprobe.predictor import METHODS, load_predictors, set_retention  # noqa: E402
 
 TAUS = (0.85, 0.9, 0.95)
 READINGS = {
@@ -99,23 +94,11 @@ def between_finished(
     (its power fitted too), fitted on the cross-task pairs that involve neither the adapter's
     task (one fold per task)."""
     columns = [f"final_{f}" for f in features]
-    names = [signal_name(c) for c in columns]
     out = {}
     for method in methods:
         y = frame[f"retention_ratio_{method}"].to_numpy(dtype=float)
-        values: dict[tuple[str, str], float] = {}
-        for task in sorted(frame.self_task.unique()):
-            train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
-            predictor = RetentionPredictor(features=tuple(names), model="damage", power="auto")
-            predictor.fit(
-                frame.loc[train, columns].set_axis(names, axis=1),
-                y[train],
-                groups=frame.self_task[train],
-            )
-            test = table[table.self_task == task]
-            predicted = predictor.predict(test[columns].set_axis(names, axis=1))
-            values.update(zip(zip(test.self, test.other, strict=True), predicted, strict=True))
-        out[method] = values
+        predicted = loto(frame, columns, y, "damage", power="auto", predict_on=table)
+        out[method] = dict(zip(zip(table.self, table.other, strict=True), predicted, strict=True))
     return out
 
 

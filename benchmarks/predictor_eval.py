@@ -147,19 +147,21 @@ def loto(
     power: float | str = 1.0,
     predict_columns: list[str] | None = None,
     fold_by: str = "self_task",
+    predict_on: pd.DataFrame | None = None,
 ):
     """Out-of-fold predictions, one fold per task of the pair's own adapter (``fold_by=
     "other_task"``: of its partner), by the same predictor that ``--ship`` fits (the columns
     renamed to their signal names), fitted on pairs that involve neither the fold's task;
     fitted on ``columns`` and, when given, predicting from ``predict_columns`` (the same
-    signals in another state)."""
-    pred = np.full(len(frame), np.nan)
+    signals in another state), for the rows of ``predict_on`` (default: ``frame``)."""
+    rows = frame if predict_on is None else predict_on
+    pred = np.full(len(rows), np.nan)
     rng = np.random.default_rng(shuffle_seed)
     names = [signal_name(c) for c in columns]
     X = frame[columns].set_axis(names, axis=1)
-    X_test = X if predict_columns is None else frame[predict_columns].set_axis(names, axis=1)
+    X_test = rows[predict_columns or columns].set_axis(names, axis=1)
     for task in sorted(frame.self_task.unique()):
-        test = (frame[fold_by] == task).to_numpy()
+        test = (rows[fold_by] == task).to_numpy()
         train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
         target = y[train].copy()
         if shuffle_seed is not None:

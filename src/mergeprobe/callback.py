@@ -27,14 +27,11 @@ from transformers.trainer_callback import ExportableState
 from ._util import utc_now
 from .decision_log import DecisionLog
 from .exceptions import InvalidParameterError, MergeprobeError
-from .policy import Policy, predict_between, predict_pairs
+from .policy import PAIR_STATES, Policy, predict_between, predict_pairs
 from .predictor import load_predictors
 from .probe import SignalRecorder, positive_int, resolve_anchor_inputs
 from .signature import Signature
 from .store import SignatureStore, sanitize_name
-
-# The predictor sets a decision may read, by the states of the pair (``predictor={...}``).
-PER_STATE = ("early", "early_vs_final", "final")
 
 logger = logging.getLogger(__name__)
 
@@ -256,11 +253,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 f"Got {on_incompatible!r} instead."
             )
         if isinstance(predictor, Mapping):
-            unknown = sorted(set(predictor) - set(PER_STATE))
+            unknown = sorted(set(predictor) - set(PAIR_STATES))
             if unknown or not predictor:
                 raise InvalidParameterError(
                     f"The 'predictor' parameter of {owner} must be a file or a dict from "
-                    f"states {list(PER_STATE)} to files. Got the keys {sorted(predictor)}."
+                    f"states {list(PAIR_STATES)} to files. Got the keys {sorted(predictor)}."
                 )
             bad = {k: v for k, v in predictor.items() if not isinstance(v, (str, os.PathLike))}
             if bad:
@@ -873,11 +870,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         some method), so the decision keeps every member of the group >= tau, not only this
         run. On failure the decision weighs each partner against this run only, and says so."""
         candidates = {
-            p.other
-            for p in pairs
-            for m in policy.methods
-            if min(p.retention_self.get(m, -math.inf), p.retention_other.get(m, -math.inf))
-            >= policy.tau
+            p.other for p in pairs if any(p.keeps_both(m, policy.tau) for m in policy.methods)
         }
         chosen = [s for s in partners if s.name in candidates]
         if len(chosen) < 2:

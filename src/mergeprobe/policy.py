@@ -46,6 +46,13 @@ class PairPrediction:
     interval: Mapping[str, tuple[float, float]]
     redundancy: float = math.nan
 
+    def keeps_both(self, method: str, tau: float) -> bool:
+        """Whether both sides are predicted at or above ``tau`` under ``method``."""
+        return (
+            self.retention_self.get(method, -math.inf) >= tau
+            and self.retention_other.get(method, -math.inf) >= tau
+        )
+
     def as_record(self, method: str = "direct") -> dict[str, Any]:
         return {
             "with": self.other,
@@ -153,12 +160,7 @@ class Policy:
         if partner_pairs is not None:
             between = {(p.self, p.other): p for p in partner_pairs}
         for method in self.methods:
-            fits = [
-                p
-                for p in pairs
-                if p.retention_self.get(method, -math.inf) >= self.tau
-                and p.retention_other.get(method, -math.inf) >= self.tau
-            ]
+            fits = [p for p in pairs if p.keeps_both(method, self.tau)]
             if not fits:
                 continue
             # Partners enter in order of the smaller predicted retention, as long as every
@@ -401,6 +403,10 @@ class Policy:
             )
         return decisions
 
+
+# The predictor sets a pair may be predicted by, by the states of its two sides: a run beside
+# runs, a run beside finished adapters, finished adapters beside each other.
+PAIR_STATES = ("early", "early_vs_final", "final")
 
 # A final state earlier than this (a run stopped early, e.g. by on_incompatible="stop") is
 # read like a run at its horizon: the finished-partner predictors were fitted on partners
@@ -715,11 +721,9 @@ def predict_between(
     from .signals.compare import compatibility_matrix
 
     signatures = list(signatures)
-    unknown = sorted(set(sets or ()) - {"early", "early_vs_final", "final"})
+    unknown = sorted(set(sets or ()) - set(PAIR_STATES))
     if unknown:
-        raise InvalidParameterError(
-            f"sets are keyed by 'early', 'early_vs_final' and 'final'; got {unknown}"
-        )
+        raise InvalidParameterError(f"sets are keyed by {list(PAIR_STATES)}; got {unknown}")
     if predictors is not None and sets:
         raise InvalidParameterError("give predictors (every pair) or sets (per state), not both")
     names = [s.name for s in signatures]
