@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 
@@ -453,7 +454,8 @@ def test_decision_evaluation_scores_each_run_against_its_finished_partners(five_
 
     cfg, root, results = five_task_setup
     out = root / "out"
-    arguments = ["--results", str(out), "--features", "interference_ratio", "--tau", "0.9"]
+    # 1.01 routes some runs on this fixture (its cross-task retentions are all >= 1 at 0.9)
+    arguments = ["--results", str(out), "--features", "interference_ratio", "--tau", "0.9", "1.01"]
     assert decision_eval.main(arguments) == 0
     report = json.loads((out / "decision_eval.json").read_text())["taus"]["0.9"]
     with (out / "pairs.csv").open() as f:
@@ -491,3 +493,37 @@ def test_decision_evaluation_scores_each_run_against_its_finished_partners(five_
         assert row["right"] + row["missed"] == row["measured_routes"]
         if row["right"] + row["wrong"]:
             assert row["precision"] == pytest.approx(row["right"] / (row["right"] + row["wrong"]))
+
+    # at tau 1.01 there are routes to get right or wrong: each stop checked against the runs
+    # the measured pairs route, derived by hand
+    def routed_by_hand(run, partners, tau):
+        return not any(
+            min(measured[(run, p, m)], measured[(p, run, m)]) >= tau
+            for p in partners
+            for m in ("direct", "mean", "ties", "dare")
+        )
+
+    strict = json.loads((out / "decision_eval.json").read_text())["taus"]["1.01"]
+    runs = {r["self"] for r in rows}
+    partners_of = {run: {r["other"] for r in rows if r["self"] == run} for run in runs}
+    should = {run for run in runs if routed_by_hand(run, partners_of[run], 1.01)}
+    assert (
+        should
+        and {r for r, d in strict["measured pairs"]["decisions"].items() if d == "route"} == should
+    )
+    for reading in ("finished partners at their end", "partners at their 5 % probe"):
+        row = strict[reading]
+        stops = {r for r, d in row["decisions"].items() if d == "route"}
+        assert row["stops_right"] == len(stops & should)
+        assert row["stops_wrong"] == len(stops - should)
+        assert row["stops_missed"] == len(should - stops)
+    task_of = {r["self"]: r["self_task"] for r in rows}
+    routes = 0
+    for run in runs:
+        others = sorted({task_of[p] for p in partners_of[run]})
+        for chosen in itertools.combinations(others, 2):
+            store = {p for p in partners_of[run] if task_of[p] in chosen}
+            routes += routed_by_hand(run, store, 1.01)
+    assert routes > 0
+    for reading in ("finished partners at their end", "partners at their 5 % probe"):
+        assert small[f"1.01 / {reading}"]["measured_routes"] == routes

@@ -11,8 +11,10 @@ from mergeprobe import (
     MergeProbeCallback,
     Policy,
     RetentionPredictor,
+    SignatureStore,
     decision_log_schema,
     load_predictors,
+    pairwise_signals,
     read_log,
     save_predictors,
 )
@@ -95,8 +97,20 @@ def test_the_default_reads_a_finished_partner_at_its_end(tmp_path):
     (decision,) = [r for r in records if r["event"] == "decision"]
     (pair,) = decision["pairs"]
     assert pair["partner_state"] == "final state" and pair["predictors"] == "against finished"
-    assert decision["predictor"]["against_finished"]["trained_on"]["direct"] > 0
-    assert 0 < pair["retention_self"] <= 1 and 0 < pair["retention_other"] <= 1
+    finished, finished_meta = load_predictors(state="early_vs_final")
+    assert decision["predictor"]["against_finished"]["trained_on"] == finished_meta["trained_on"]
+    # by hand: b at its horizon against a's end with the finished-partner set, a's own
+    # retention (its end against b's horizon) with the 5 % set
+    store = SignatureStore(tmp_path / "store")
+    a, b = store.load("a"), store.load("b")
+    horizon = b.probe(0.25)
+    method = decision["set"]["method"] or "direct"
+    own = finished[method].predict([pairwise_signals(b, a, horizon, a.probes[-1])])[0]
+    partner = load_predictors()[0][method].predict([pairwise_signals(a, b, a.probes[-1], horizon)])[
+        0
+    ]
+    assert pair["retention_self"] == pytest.approx(own, abs=1e-6)
+    assert pair["retention_other"] == pytest.approx(partner, abs=1e-6)
 
 
 def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypatch):
@@ -122,7 +136,7 @@ def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypat
     members, method = decision["set"]["members"], decision["set"]["method"]
     assert len(members) == 4  # at tau 0.1 everyone fits
     # every member's set retention, by the pairs with e and predict_between on the store
-    from mergeprobe import SignatureStore, predict_between
+    from mergeprobe import predict_between
 
     store = SignatureStore(tmp_path / "store")
     between = predict_between([store.load(m) for m in members[1:]], methods=[method])
@@ -162,7 +176,11 @@ def test_predictors_of_ones_own_per_state(tmp_path):
     # the shipped 5 % set, as with the defaults
     assert pair["partner_state"] == "final state" and pair["predictors"] == "against finished"
     assert pair["retention_self"] == pytest.approx(0.97)
-    assert pair["retention_other"] != pytest.approx(0.97)
+    store = SignatureStore(tmp_path / "store")
+    a, b = store.load("a"), store.load("b")
+    shipped = load_predictors()[0]["direct"]  # a's own side: the shipped 5 % set
+    expected = shipped.predict([pairwise_signals(a, b, a.probes[-1], b.probe(0.25))])[0]
+    assert pair["retention_other"] == pytest.approx(expected, abs=1e-6)
     assert decision["predictor"]["name"] == "default (early)"
     assert decision["predictor"]["against_finished"]["name"] == str(mine)
     _validate(read_log(tmp_path / "b.jsonl"))

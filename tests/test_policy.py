@@ -290,8 +290,8 @@ def test_a_finished_partner_is_read_at_its_end_by_the_predictors_for_it():
     assert notes[0]["predictors"] == "against finished"
     assert pairs[0].retention_self["direct"] == pytest.approx(1 - 0.05 * 4 / 2)
     assert pairs[0].retention_other["direct"] == pytest.approx(1 - 0.1 * 2 / 4)
-    low, high = pairs[0].interval["direct"]
-    assert low <= 1 - 0.05 * 4 / 2 <= high
+    # exact data: zero residuals, so the interval is the point itself
+    assert pairs[0].interval["direct"] == pytest.approx((1 - 0.05 * 4 / 2,) * 2)
     # a partner still training: the same fraction and the early predictors, as before
     assert notes[1]["partner_state"] == "probe at 0.050" and "predictors" not in notes[1]
     assert pairs[1].retention_self["direct"] == pytest.approx(1 - 0.1 * 1 / 2)
@@ -393,8 +393,7 @@ def test_predict_between_gives_the_plans_predictions(monkeypatch):
     assert (pair.self, pair.other) == ("done", "done2")
     assert pair.retention_self["direct"] == pytest.approx(1 - 0.3 * 2 / 4)
     assert pair.retention_other["direct"] == pytest.approx(1 - 0.3 * 4 / 2)
-    low, high = pair.interval["direct"]
-    assert low <= pair.retention_self["direct"] <= high
+    assert pair.interval["direct"] == pytest.approx((1 - 0.3 * 2 / 4,) * 2)
     assert predict_between([done], _norm_damage(0.3)) == []
     # the shipped sets, each pair by the set for its states, as build_plan reads them
     _ship_norm_damage(monkeypatch)
@@ -408,6 +407,8 @@ def test_predict_between_gives_the_plans_predictions(monkeypatch):
     by_name = {(p.self, p.other): p for p in between}
     assert by_name[("run", "done")].retention_self["direct"] == pytest.approx(1 - 0.05 * 4 / 2)
     assert by_name[("done", "done2")].retention_self["direct"] == pytest.approx(1 - 0.2 * 2 / 4)
+    assert by_name[("run", "done2")].retention_self["direct"] == pytest.approx(1 - 0.05 * 2 / 2)
+    assert by_name[("run", "done2")].retention_other["direct"] == pytest.approx(1 - 0.1 * 2 / 2)
     # sets of one's own replace the shipped set of their state only
     mine = predict_between([run, done, done2], sets={"final": _norm_damage(0.5)})
     by_name = {(p.self, p.other): p for p in mine}
