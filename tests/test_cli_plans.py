@@ -145,6 +145,30 @@ def test_plan_errors(tmp_path, adapters, capsys):
     assert not (tmp_path / "p.json").exists()
 
 
+def test_plan_takes_a_predictor_file_per_state(tmp_path, adapters, capsys):
+    store = tmp_path / "store"
+    main(["add", *map(str, adapters.values()), "--store", str(store)])
+    predictor = _constant_predictor(tmp_path, 0.97)
+    out = tmp_path / "plan.json"
+    command = ["plan", "--store", str(store), "--out", str(out)]
+    assert main([*command, "--predictor-for", f"final={predictor}"]) == 0
+    plan = json.loads(out.read_text())
+    # both adapters are finished: every pair is the given final file's
+    assert plan["predictor"]["name"] == "given (final)"
+    assert plan["predictor"]["files"] == {"final": str(predictor)}
+    assert all(p["retention"]["direct"] == pytest.approx(0.97, abs=1e-6) for p in plan["pairs"])
+    out.unlink()
+    capsys.readouterr()
+    for argument, expected in (
+        (["--predictor-for", "rehearsal=x.skops"], "early, early_vs_final, final"),
+        (["--predictor-for", "final"], "STATE=PATH"),
+        (["--predictor-for", f"final={predictor}", "--predictor", str(predictor)], "neither"),
+        (["--predictor-for", f"final={tmp_path / 'none.skops'}"], "no predictor file"),
+    ):
+        assert expected in _error(capsys, [*command, *argument])
+        assert not out.exists()
+
+
 def test_apply_errors_leave_nothing_half_written(tmp_path, adapters, capsys):
     plan = {
         "schema": "mergeprobe.plan/1",

@@ -381,6 +381,65 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
     assert "early_vs_final" not in mine["predictor"]
 
 
+def test_a_plan_takes_sets_of_ones_own_per_state(monkeypatch):
+    from mergeprobe.policy import build_plan
+
+    _ship_norm_damage(monkeypatch)
+    run = _norm_signature("run", [("probe", 0.05, 2.0)])
+    done = _norm_signature("done", [("final", 1.0, 4.0)])
+    done2 = _norm_signature("done2", [("final", 1.0, 2.0)])
+    policy = Policy(tau=0.1, methods=("direct",))
+    plan = build_plan([run, done, done2], policy=policy, sets={"final": _norm_damage(0.5)})
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
+    assert table[("done", "done2")] == pytest.approx(1 - 0.5 * 2 / 4)  # the given final set
+    assert table[("done2", "done")] == pytest.approx(1 - 0.5 * 4 / 2)
+    assert table[("run", "done")] == pytest.approx(1 - 0.05 * 4 / 2)  # shipped early_vs_final
+    assert table[("done", "run")] == pytest.approx(1 - 0.1 * 2 / 4)  # shipped early
+    assert plan["predictor"]["name"] == "default (early)"
+    assert plan["predictor"]["final"] == {"name": "given (final)", "trained_on": None}
+    assert plan["predictor"]["early_vs_final"]["name"] == "default (early_vs_final)"
+    # the plan's pairs are predict_between's with the same sets
+    from mergeprobe import predict_between
+
+    for p in predict_between([run, done, done2], sets={"final": _norm_damage(0.5)}):
+        assert table[(p.self, p.other)] == pytest.approx(p.retention_self["direct"])
+        assert table[(p.other, p.self)] == pytest.approx(p.retention_other["direct"])
+    # every set given: nothing shipped is read
+    given = {"early": _norm_damage(0.2), "early_vs_final": _norm_damage(0.3)}
+    plan = build_plan([run, done], policy=policy, sets=given)
+    table = {(p["self"], p["other"]): p["retention"]["direct"] for p in plan["pairs"]}
+    assert table[("run", "done")] == pytest.approx(1 - 0.3 * 4 / 2)
+    assert table[("done", "run")] == pytest.approx(1 - 0.2 * 2 / 4)
+    assert plan["predictor"]["name"] == "given (early)"
+
+    # a method some set in use lacks is not planned with; none in common is refused
+    def direct_and_mean(c):
+        return {"direct": _norm_damage(c)["direct"], "mean": _norm_damage(c)["direct"]}
+
+    plan = build_plan(
+        [run, done, done2],
+        policy=Policy(tau=0.1, methods=("direct", "mean")),
+        sets={
+            "early": direct_and_mean(0.1),
+            "early_vs_final": direct_and_mean(0.05),
+            "final": {"mean": _norm_damage(0.5)["direct"]},
+        },
+    )
+    assert plan["policy"]["methods"] == ["mean"]
+    assert all(set(p["retention"]) == {"mean"} for p in plan["pairs"])
+    table = {(p["self"], p["other"]): p["retention"]["mean"] for p in plan["pairs"]}
+    assert table[("done", "done2")] == pytest.approx(1 - 0.5 * 2 / 4)
+    assert table[("run", "done")] == pytest.approx(1 - 0.05 * 4 / 2)
+    with pytest.raises(InvalidParameterError, match="none of the policy's methods"):
+        build_plan(
+            [done, done2], policy=Policy(methods=("ties",)), sets={"final": _norm_damage(0.5)}
+        )
+    with pytest.raises(InvalidParameterError, match="keyed by"):
+        build_plan([done, done2], sets={"rehearsal": _norm_damage(0.5)})
+    with pytest.raises(InvalidParameterError, match="not both"):
+        build_plan([done, done2], _norm_damage(0.3), sets={"final": _norm_damage(0.5)})
+
+
 def test_predict_between_gives_the_plans_predictions(monkeypatch):
     from mergeprobe import predict_between
     from mergeprobe.policy import build_plan

@@ -131,13 +131,13 @@ def _write_json(path: Path, document) -> None:
     atomic_write(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
-def _name_paths(items: Sequence[str] | None, option: str) -> dict[str, str]:
+def _name_paths(items: Sequence[str] | None, option: str, form: str = "NAME") -> dict[str, str]:
     """``NAME=PATH`` arguments as a mapping; a malformed or repeated name is refused."""
     out: dict[str, str] = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise _CommandError(f"{option} takes NAME=PATH; got {item!r}")
+            raise _CommandError(f"{option} takes {form}=PATH; got {item!r}")
         if name in out:
             raise _CommandError(f"{option} names {name} twice")
         out[name] = path
@@ -297,7 +297,7 @@ def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .policy import Policy, build_plan
+    from .policy import PAIR_STATES, Policy, build_plan
     from .predictor import load_predictors
     from .report import plan_table
     from .store import SignatureStore
@@ -319,19 +319,39 @@ def _plan(args: argparse.Namespace) -> int:
     inputs = _name_paths(args.inputs, "--inputs")
     if args.adapter and not inputs:
         raise _CommandError("--adapter is used only with --inputs (the merge rehearsal)")
-    predictors, info, signals = None, None, None
+    per_state = _name_paths(args.predictor_for, "--predictor-for", "STATE")
+    unknown = sorted(set(per_state) - set(PAIR_STATES))
+    if unknown:
+        raise _CommandError(
+            f"--predictor-for takes a state of {', '.join(PAIR_STATES)}; got {', '.join(unknown)}"
+        )
+    if per_state and (args.predictor is not None or inputs):
+        raise _CommandError(
+            "--predictor-for replaces the shipped sets per state; it goes with neither "
+            "--predictor (one file for every pair) nor --inputs (the rehearsal predictors)"
+        )
+    predictors, info, signals, sets = None, None, None, None
     if inputs:
         signals = _rehearse(args, signatures, inputs)
         predictors, meta = load_predictors(args.predictor, state="rehearsal")
         info = {"name": str(args.predictor or "default (rehearsal)"), **meta}
-    elif args.predictor is not None:  # else build_plan picks the shipped ones per pair
+    elif args.predictor is not None:  # else build_plan picks the sets per pair
         predictors, meta = load_predictors(args.predictor)
         info = {"name": str(args.predictor), **meta}
+    elif per_state:
+        sets = {state: load_predictors(path)[0] for state, path in per_state.items()}
+        info = {"files": {state: str(path) for state, path in per_state.items()}}
     policy = Policy(
         tau=args.tau, prune_similarity=args.prune_similarity, methods=tuple(args.methods)
     )
     plan = build_plan(
-        signatures, predictors, policy, predictor_info=info, progress=True, signals=signals
+        signatures,
+        predictors,
+        policy,
+        predictor_info=info,
+        progress=True,
+        signals=signals,
+        sets=sets,
     )
     _write_json(out, plan)
     print("\n".join(plan_table(plan)))
@@ -501,7 +521,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["direct", "mean", "ties", "dare"],
         help="merge methods in order of preference",
     )
-    plan.add_argument("--predictor", help="predictor file (.skops; default: the shipped one)")
+    plan.add_argument(
+        "--predictor",
+        help="predictor file (.skops) for every pair (default: the shipped set for each "
+        "pair's states)",
+    )
+    plan.add_argument(
+        "--predictor-for",
+        action="append",
+        metavar="STATE=PATH",
+        help="a predictor file of your own (mergeprobe fit) for the pairs of one state: "
+        "early (runs at their horizon), early_vs_final (a run beside a finished adapter) or "
+        "final (two finished adapters); the other states keep the shipped sets; repeatable",
+    )
     plan.add_argument("--out", required=True, help="plan file to write (.json)")
     rehearse = plan.add_argument_group(
         "merge rehearsal (finished adapters)",

@@ -648,15 +648,17 @@ def _predictors_by_cell(signatures, predictors, predictor_info, sets=None):
     from .predictor import load_predictors
 
     def load(state: str):
+        """(predictors, their record) for ``state``: the given set, else the shipped one."""
         if sets and state in sets:
-            return sets[state], {"name": "given"}
-        return load_predictors(state=state)
+            return sets[state], {"name": f"given ({state})"}
+        predictors, meta = load_predictors(state=state)
+        return predictors, {"name": f"default ({state})", **meta}
 
     others: list[tuple[dict[str, Any], np.ndarray]] = []
     if predictors is None:
         state = plan_state(signatures)
         predictors, meta = load(state)
-        predictor_info = {"name": f"default ({state})", **meta, **(predictor_info or {})}
+        predictor_info = {**meta, **(predictor_info or {})}
         done = np.array([_finished(s) for s in signatures])
         if state == "early" and done.any():
             # Each pair by the set fitted for its states: a run beside a finished adapter,
@@ -669,10 +671,25 @@ def _predictors_by_cell(signatures, predictors, predictor_info, sets=None):
                     extra_predictors, extra = load(other_state)
                     others.append((extra_predictors, cells))
                     predictor_info[other_state] = {
-                        "name": f"default ({other_state})",
+                        "name": extra["name"],
                         "trained_on": extra.get("trained_on"),
                     }
     return predictors, others, predictor_info
+
+
+def _check_sets(predictors, sets) -> None:
+    """Refuse per-state ``sets`` keyed by unknown states, or given beside ``predictors``."""
+    unknown = sorted(set(sets or ()) - set(PAIR_STATES))
+    if unknown:
+        raise InvalidParameterError(f"sets are keyed by {list(PAIR_STATES)}; got {unknown}")
+    if predictors is not None and sets:
+        raise InvalidParameterError("give predictors (every pair) or sets (per state), not both")
+
+
+def _common_methods(wanted: Sequence[str], others) -> list[str]:
+    """The methods of ``wanted`` that every other set in use covers: a method some set lacks
+    is left out, never predicted by another state's set."""
+    return [m for m in wanted if all(m in extra for extra, _ in others)]
 
 
 def _retention_matrices(signatures, predictors, others, methods, cells, signals, progress):
@@ -721,11 +738,7 @@ def predict_between(
     from .signals.compare import compatibility_matrix
 
     signatures = list(signatures)
-    unknown = sorted(set(sets or ()) - set(PAIR_STATES))
-    if unknown:
-        raise InvalidParameterError(f"sets are keyed by {list(PAIR_STATES)}; got {unknown}")
-    if predictors is not None and sets:
-        raise InvalidParameterError("give predictors (every pair) or sets (per state), not both")
+    _check_sets(predictors, sets)
     names = [s.name for s in signatures]
     if len(set(names)) != len(names):
         raise InvalidParameterError("two signatures share a name; names must be unique")
@@ -734,8 +747,7 @@ def predict_between(
         return []
     predictors, others, _ = _predictors_by_cell(signatures, predictors, None, sets)
     wanted = [m for m in predictors if methods is None or m in methods]
-    # a method some set in use lacks is left out, never predicted by another state's set
-    kept = [m for m in wanted if all(m in extra for extra, _ in others)]
+    kept = _common_methods(wanted, others)
     if not kept:
         raise InvalidParameterError(
             f"no merge method of {wanted} is covered by every predictor set these signatures need"
@@ -770,13 +782,17 @@ def build_plan(
     include_pairs: bool | None = None,
     progress: bool = False,
     signals: Mapping[str, Any] | None = None,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A plan for a set of signatures: every pair predicted, adapters grouped (design §5).
 
-    Each signature is compared at its last probe. Without ``predictors``, the shipped ones for
-    the signatures' state (``plan_state``); in a store of runs and finished adapters, a run
-    beside a finished adapter is predicted by the set fitted for that
-    (``load_predictors(state="early_vs_final")``) and two finished adapters by the final set.
+    Each signature is compared at its last probe. ``predictors`` predicts every pair. Without
+    it, each pair is predicted by the set for its states: the signatures' state
+    (``plan_state``) and, in a store of runs and finished adapters, a run beside a finished
+    adapter by the set fitted for that (``load_predictors(state="early_vs_final")``) and two
+    finished adapters by the final set; each taken from ``sets`` (state -> predictors, states
+    ``"early"``, ``"early_vs_final"``, ``"final"``) where given, else the shipped one. Only the
+    merge methods every set in use covers are planned with.
     ``signals`` adds pairwise signals the signatures do not carry, each an (n, n) array (row:
     the adapter, column: its partner) in the order of ``signatures``, or in the order of a
     ``"names"`` entry, as ``rehearsal_kl`` returns them; predictors that read them (e.g.
@@ -792,12 +808,16 @@ def build_plan(
     from .signature import check_compatible
 
     signatures = list(signatures)
-    predictors, others, predictor_info = _predictors_by_cell(signatures, predictors, predictor_info)
+    _check_sets(predictors, sets)
+    predictors, others, predictor_info = _predictors_by_cell(
+        signatures, predictors, predictor_info, sets
+    )
     policy = policy or Policy()
-    methods = [m for m in policy.methods if m in predictors]
+    methods = _common_methods([m for m in policy.methods if m in predictors], others)
     if not methods:
+        covered = sorted(set(predictors).intersection(*(extra for extra, _ in others)))
         raise InvalidParameterError(
-            f"the predictors cover {sorted(predictors)}, none of the policy's methods "
+            f"the predictors in use cover {covered}, none of the policy's methods "
             f"{list(policy.methods)}"
         )
     policy = dataclasses.replace(policy, methods=tuple(methods))
