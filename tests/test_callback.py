@@ -74,7 +74,9 @@ def _train(tmp_path, name, callback, model=None, rows=None, max_steps=20, **kwar
     return trainer
 
 
-def _tiny_bert(seed=0, num_labels=2, vocab=100, targets=("query", "value")):
+def _tiny_bert(seed=0, num_labels=2, vocab=100, targets=("query", "value"), lora_seed=None):
+    """A tiny BERT with LoRA; ``lora_seed`` draws the LoRA A from another seed than the base
+    (the same base model, another initialisation)."""
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab,
@@ -85,6 +87,8 @@ def _tiny_bert(seed=0, num_labels=2, vocab=100, targets=("query", "value")):
     )
     config.num_labels = num_labels
     model = BertForSequenceClassification(config)
+    if lora_seed is not None:
+        torch.manual_seed(lora_seed)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="SEQ_CLS")
     return get_peft_model(model, lora)
 

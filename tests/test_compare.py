@@ -69,6 +69,27 @@ def test_subspace_excess_is_overlap_minus_chance():
     assert math.isnan(empty["update_subspace_excess"])
 
 
+def test_input_subspace_excess_reads_the_row_spaces():
+    # The same columns written (same output subspace) from different input directions:
+    # the output overlap is full, the input overlap none; the transpose swaps them.
+    a = _low_rank_on([0, 1])
+    b = torch.zeros(K, K)
+    b[0, 2], b[1, 3] = 1.0, 2.0  # columns 0, 1 written, read from inputs 2, 3
+    values = pairwise_signals(_signature("a", _update(a, 1.0)), _signature("b", _update(b, 1.0)))
+    assert values["update_subspace_excess"] == pytest.approx(1.0 - 2 / 8)
+    assert values["update_input_subspace_excess"] == pytest.approx(0.0 - 2 / 8)
+    swapped = pairwise_signals(
+        _signature("a", _update(a.T, 1.0)), _signature("b", _update(b.T, 1.0))
+    )
+    assert swapped["update_subspace_excess"] == pytest.approx(0.0 - 2 / 8)
+    assert swapped["update_input_subspace_excess"] == pytest.approx(1.0 - 2 / 8)
+    # one input direction of two shared (a shared LoRA A row): overlap 1/2
+    c = torch.zeros(K, K)
+    c[4, 1], c[5, 6] = 1.0, 2.0
+    half = pairwise_signals(_signature("a", _update(a, 1.0)), _signature("c", _update(c, 1.0)))
+    assert half["update_input_subspace_excess"] == pytest.approx(0.5 - 2 / 8)
+
+
 def test_sign_agreement_counts_only_the_largest_entries_of_both():
     # 8 entries, top 20 % = 2 per update. a's largest are positions 0, 1; b's are 0 and 2.
     a_entries = torch.tensor([9.0, -8.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
@@ -148,6 +169,7 @@ def test_only_skips_the_costly_signals_not_asked_for_and_keeps_the_rest_exact():
     assert set(full) - set(some) == {
         "update_sign_agreement",
         "update_subspace_excess",
+        "update_input_subspace_excess",
         "interference_ratio_last",
         "head_interference",
     }

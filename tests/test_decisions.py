@@ -124,7 +124,7 @@ def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypat
     assert sorted(decision["set"]["members"]) == ["a", "b", "c"]
     # every member loses 0.03 to each of the two others: a and c's damage to each other counts
     assert decision["set"]["predicted_min"] == pytest.approx(0.94)
-    assert "the partners' damage to each other included" in decision["reasons"][-1]
+    assert any("the partners' damage to each other included" in r for r in decision["reasons"])
     assert decision["predictor"]["between"]["name"] == str(predictor)
     # the shipped sets: a, b and c finished, so the final set weighs them against each other
     low = Policy(tau=0.1)
@@ -163,6 +163,33 @@ def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypat
     assert callback.decision["decision"] == "merge" and not callback.decision.get("failed")
     assert any("could not be weighed" in r for r in callback.decision["reasons"])
     _validate(read_log(tmp_path / "d.jsonl"))
+
+
+def test_the_decision_tells_a_run_that_shares_its_lora_initialisation(tmp_path):
+    from mergeprobe.callback import SHARED_INIT_EXCESS
+    from mergeprobe.signals.compare import shared_input_directions
+
+    # a: the same seed as the run (the same LoRA A); c: the same base, its own LoRA seed
+    _train(tmp_path, "a", _callback(tmp_path, "a"), max_steps=12)
+    other_init = _tiny_bert(lora_seed=7)
+    _train(tmp_path, "c", _callback(tmp_path, "c"), model=other_init, max_steps=12)
+    callback = _callback(tmp_path, "b", predictor=_constant_predictor(tmp_path, 0.97))
+    _train(tmp_path, "b", callback, max_steps=12, rows=_classification_rows(seed=1))
+    store = SignatureStore(tmp_path / "store")
+    run = store.load("b")
+    run.probes = [p for p in run.probes if p.step <= 3]  # as it was at its horizon
+    excess = shared_input_directions(run, [store.load("a"), store.load("c")])
+    for name in ("a", "c"):  # the batched value is pairwise_signals' own
+        expected = pairwise_signals(run, store.load(name), only={"update_input_subspace_excess"})
+        assert excess[name] == pytest.approx(expected["update_input_subspace_excess"])
+    # rank 4 in a 32-wide sketch: at most 1 - 4/32 above chance
+    assert SHARED_INIT_EXCESS < excess["a"] <= 1 - 4 / 32 + 1e-9
+    assert excess["c"] < SHARED_INIT_EXCESS
+    (advice,) = [r for r in callback.decision["reasons"] if "LoRA initialisation" in r]
+    assert advice.startswith("this run shares its LoRA initialisation with a:")
+    assert f"up to {excess['a']:.2f} above chance" in advice
+    assert "give each adapter its own seed" in advice
+    _validate(read_log(tmp_path / "b.jsonl"))
 
 
 def test_predictors_of_ones_own_per_state(tmp_path):

@@ -70,7 +70,8 @@ _MODELS = ("ridge", "boosting", "damage")
 POWERS = tuple(round(0.2 + 0.05 * k, 2) for k in range(17))  # 0.2, 0.25, ..., 1.0
 # The damage model reads scale-like signals as they are (no logarithm): damage must vanish
 # when the partner moves nothing, which a zero signal means only on the raw scale.
-_DAMAGE_FEATURES = _LOG_FEATURES | {"head_flip"}
+# An overlap above chance enters clipped at zero: no shared input directions, no damage.
+_DAMAGE_FEATURES = _LOG_FEATURES | {"head_flip", "update_input_subspace_excess"}
 _DATA = Path(__file__).parent / "data"
 # The shipped predictors, by the state of the signals they read: runs at their horizon;
 # a run at its horizon against partners that finished training (their final state reaches

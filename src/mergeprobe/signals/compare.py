@@ -67,27 +67,87 @@ def _sign_agreement(x: torch.Tensor, y: torch.Tensor, top: float = 0.2) -> float
     return agree / total if total else NAN
 
 
-def _subspace_excess(
-    x: torch.Tensor, y: torch.Tensor, ranks_x: list[int], ranks_y: list[int]
-) -> float:
-    """Mean over layers of the column-space overlap of two sketches above its chance level.
+def _subspace_bases(
+    sketches: torch.Tensor, ranks: list[int], side: str = "output"
+) -> list[torch.Tensor | None]:
+    """Per layer, an orthonormal basis (k × r) of a sketch's top-r column space
+    (``side="output"``: what the update writes, B's side) or row space (``"input"``: the input
+    directions it reads, A's side); ``None`` where the layer has no subspace (no update, rank
+    0, or values that are not finite)."""
+    sketches = sketches.double()
+    k = sketches.shape[-2]
+    flat = sketches.flatten(1)
+    valid = torch.isfinite(flat).all(1) & (flat.abs().sum(1) > 0)
+    valid &= torch.tensor([r > 0 for r in ranks], dtype=torch.bool)
+    bases: list[torch.Tensor | None] = [None] * len(ranks)
+    if valid.any():
+        chosen = torch.nonzero(valid).flatten().tolist()
+        # one batched decomposition: the callback reads every partner's at its horizon
+        u, _, vh = torch.linalg.svd(sketches[valid], full_matrices=False)
+        for b, i in enumerate(chosen):
+            rank = min(ranks[i], k)
+            bases[i] = u[b, :, :rank] if side == "output" else vh[b, :rank].T
+    return bases
 
-    overlap = ‖U_xᵀ U_y‖²_F / min(r_x, r_y) for the top singular directions; two random
-    subspaces of R^k overlap by max(r_x, r_y) / k on average.
-    """
+
+def _excess(bases_x: list, bases_y: list) -> float:
+    """Mean over layers of two bases' overlap above its chance level: overlap =
+    ‖U_xᵀ U_y‖²_F / min(r_x, r_y); two random subspaces of R^k overlap by max(r_x, r_y) / k on
+    average."""
+    pairs = [
+        (x, y) for x, y in zip(bases_x, bases_y, strict=True) if x is not None and y is not None
+    ]
+    if not pairs:
+        return NAN
+    if len({(x.shape, y.shape) for x, y in pairs}) == 1:  # one shape: one batched product
+        (k, rx), ry = pairs[0][0].shape, pairs[0][1].shape[1]
+        x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+        overlaps = (x.transpose(1, 2) @ y).square().sum((1, 2)) / min(rx, ry)
+        return float((overlaps - max(rx, ry) / k).mean())
     values = []
-    for sx, sy, rx, ry in zip(x, y, ranks_x, ranks_y, strict=True):
-        k = sx.shape[0]
-        rx, ry = min(rx, k), min(ry, k)
-        if rx == 0 or ry == 0 or not (torch.isfinite(sx).all() and torch.isfinite(sy).all()):
-            continue
-        if float(sx.abs().sum()) == 0 or float(sy.abs().sum()) == 0:  # no update: no subspace
-            continue
-        ux = torch.linalg.svd(sx.double(), full_matrices=False).U[:, :rx]
-        uy = torch.linalg.svd(sy.double(), full_matrices=False).U[:, :ry]
+    for ux, uy in pairs:
+        (k, rx), ry = ux.shape, uy.shape[1]
         overlap = float((ux.T @ uy).square().sum()) / min(rx, ry)
         values.append(overlap - max(rx, ry) / k)
-    return sum(values) / len(values) if values else NAN
+    return sum(values) / len(values)
+
+
+def _subspace_excess(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ranks_x: list[int],
+    ranks_y: list[int],
+    side: str = "output",
+) -> float:
+    """Mean over layers of the overlap of two sketches' subspaces (``side`` as in
+    ``_subspace_bases``) above its chance level."""
+    return _excess(_subspace_bases(x, ranks_x, side), _subspace_bases(y, ranks_y, side))
+
+
+def shared_input_directions(a: Signature, partners: Collection[Signature]) -> dict[str, float]:
+    """``update_input_subspace_excess`` of ``a`` with each compatible partner (every signature
+    at its last probe; partners without update sketches left out), with ``a``'s bases
+    decomposed once: what the callback reads to tell a run that it shares its LoRA
+    initialisation (the same seed) with a partner."""
+    pa = a.probe(None)
+    if "update_sketch" not in pa.tensors:
+        return {}
+    ranks = a.metadata["adapter"]["ranks"]
+    bases_a = _subspace_bases(pa.tensors["update_sketch"], ranks, "input")
+    out = {}
+    for b in partners:
+        try:
+            check_compatible(a, b)
+        except IncompatibleSignatureError:
+            continue
+        pb = b.probe(None)
+        rows_a, rows_b, names = _shared(a, b)
+        if not names or "update_sketch" not in pb.tensors:
+            continue
+        ranks_b = [b.metadata["adapter"]["ranks"][i] for i in rows_b]
+        bases_b = _subspace_bases(pb.tensors["update_sketch"][rows_b], ranks_b, "input")
+        out[b.name] = _excess([bases_a[i] for i in rows_a], bases_b)
+    return out
 
 
 def _interference(d_self: torch.Tensor, d_other: torch.Tensor, energy: float = 0.9) -> float:
@@ -153,6 +213,7 @@ EXPENSIVE = frozenset(
     {
         "update_sign_agreement",
         "update_subspace_excess",
+        "update_input_subspace_excess",
         "interference_ratio",
         "interference_ratio_last",
         "head_interference",
@@ -215,6 +276,13 @@ def pairwise_signals(
             out["update_subspace_excess"] = _subspace_excess(
                 ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b
             )
+        if wanted("update_input_subspace_excess"):
+            # Adapters trained with the same seed share most of their LoRA A rows (the
+            # head's initialisation shifts the random stream by whole rows), so their
+            # updates read the same input directions.
+            out["update_input_subspace_excess"] = _subspace_excess(
+                ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b, "input"
+            )
     else:
         out.update(
             update_cosine=NAN,
@@ -225,6 +293,7 @@ def pairwise_signals(
             update_norm_other=NAN,
             update_sign_agreement=NAN,
             update_subspace_excess=NAN,
+            update_input_subspace_excess=NAN,
         )
 
     if names and "grad_sketch" in ta and "grad_sketch" in tb:
