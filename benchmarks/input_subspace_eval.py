@@ -44,7 +44,13 @@ from benchmarks.head_signal_eval import (  # noqa: E402
     stop_at,
     within_task_spearman,
 )
-from benchmarks.merge_retention import load_task, log, make_trainer, progress  # noqa: E402
+from benchmarks.merge_retention import (  # noqa: E402
+    fresh_adapter,
+    load_task,
+    log,
+    make_trainer,
+    progress,
+)
 from benchmarks.plan_eval import write_report  # noqa: E402
 from benchmarks.predictor_eval import (  # noqa: E402
     bootstrap,
@@ -86,20 +92,7 @@ def signatures(config, cache: Path, runs, tokenizer, step: int | None):
 
 def initial_a(config, num_labels: int, seed: int) -> dict:
     """{layer: LoRA A} of a fresh benchmark adapter for a task with ``num_labels``."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    transformers.set_seed(seed)  # as make_trainer does before building the model
-    model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels)
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        target_modules=list(config.targets),
-        task_type="SEQ_CLS",
-        lora_dropout=0.0,
-    )
-    model = get_peft_model(model, lora)
+    model = fresh_adapter(config, num_labels, seed)
     return {n: p.detach().double() for n, p in model.named_parameters() if "lora_A" in n}
 
 

@@ -192,19 +192,15 @@ def adapter_dir(cache: Path, config: BenchConfig, task: str, seed: int) -> Path:
     return cache / "adapters" / f"{task}-s{seed}-{config.train_key(task, seed)}"
 
 
-def make_trainer(
-    config: BenchConfig, task: Task, seed: int, tokenizer, callbacks, output_dir: Path
-):
-    """The benchmark's Trainer for one (task, seed): a fresh LoRA on the base model, seeded so
-    that the same run is reproduced step for step (on CPU)."""
+def fresh_adapter(config: BenchConfig, num_labels: int, seed: int):
+    """The benchmark's untrained LoRA model for a task with ``num_labels``, seeded as every
+    run is (the head's initialisation, then LoRA's, from one random stream)."""
     import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+    from transformers import AutoModelForSequenceClassification
 
     transformers.set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        config.model, num_labels=len(task.labels)
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels)
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -212,7 +208,18 @@ def make_trainer(
         task_type="SEQ_CLS",
         lora_dropout=0.0,
     )
-    model = get_peft_model(model, lora)
+    return get_peft_model(model, lora)
+
+
+def make_trainer(
+    config: BenchConfig, task: Task, seed: int, tokenizer, callbacks, output_dir: Path
+):
+    """The benchmark's Trainer for one (task, seed): a fresh LoRA on the base model, seeded so
+    that the same run is reproduced step for step (on CPU)."""
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    model = fresh_adapter(config, len(task.labels), seed)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=config.steps,
