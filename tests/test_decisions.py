@@ -135,18 +135,26 @@ def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypat
     assert decision["predictor"]["against_finished"]["name"] == "default (early_vs_final)"
     members, method = decision["set"]["members"], decision["set"]["method"]
     assert len(members) == 4  # at tau 0.1 everyone fits
-    # every member's set retention, by the pairs with e and predict_between on the store
-    from mergeprobe import predict_between
+    # every member's set retention, by the pairs with e and, between the finished partners,
+    # the shipped final set on their last probes, computed here by hand
+    import itertools
 
     store = SignatureStore(tmp_path / "store")
-    between = predict_between([store.load(m) for m in members[1:]], methods=[method])
+    final = load_predictors(state="final")[0][method]
+    read = {*final.features, *(final.fallback_features or ())}
+    finished = {m: store.load(m) for m in members[1:]}
+
+    def by_hand(x, y):
+        values = pairwise_signals(finished[x], finished[y], only=read)
+        return float(final.predict({f: [values[f]] for f in read})[0])
+
     damage = {m: 0.0 for m in members}
     for p in decision["pairs"]:
         damage["e"] += 1 - p["retention_self"]
         damage[p["with"]] += 1 - p["retention_other"]
-    for p in between:
-        damage[p.self] += 1 - p.retention_self[method]
-        damage[p.other] += 1 - p.retention_other[method]
+    for x, y in itertools.combinations(members[1:], 2):
+        damage[x] += 1 - by_hand(x, y)
+        damage[y] += 1 - by_hand(y, x)
     expected = [1 - d for d in damage.values()]
     assert decision["set"]["predicted_min"] == pytest.approx(min(expected))
     assert decision["set"]["predicted_mean"] == pytest.approx(sum(expected) / 4)

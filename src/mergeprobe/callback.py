@@ -806,7 +806,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         reasons.extend(n["layers_note"] for n in notes if n.get("layers_note"))
         if between_note:
             reasons.append(between_note)
-        shared = self._shared_initialisation(partners)
+        compared = {p.other for p in pairs}
+        shared = self._shared_initialisation([s for s in partners if s.name in compared])
         if shared:
             reasons.append(shared)
 

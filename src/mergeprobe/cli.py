@@ -369,12 +369,7 @@ def _apply(args: argparse.Namespace) -> int:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise _CommandError(f"{plan_path} is not JSON ({exc})") from exc
-    overrides = {}
-    for item in args.adapter or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise _CommandError(f"--adapter takes NAME=PATH; got {item!r}")
-        overrides[name] = path
+    overrides = _name_paths(args.adapter, "--adapter")
     manifest = apply_plan(
         plan,
         args.out,

@@ -220,31 +220,38 @@ class Policy:
         Returns the partners chosen and each one's predicted set retention in the group."""
 
         def between_retention(a: str, b: str) -> float:
-            value = -math.inf  # not predicted: counts as incompatible
-            if between is not None and (a, b) in between:
+            if (a, b) in between:
                 value = between[(a, b)].retention_self.get(method, -math.inf)
-            elif between is not None and (b, a) in between:
+            elif (b, a) in between:
                 value = between[(b, a)].retention_other.get(method, -math.inf)
+            else:
+                value = -math.inf  # not predicted: counts as incompatible
             return value if math.isfinite(value) else -math.inf
 
         chosen: list[PairPrediction] = []
-        # each chosen partner's set retention so far: its side with the run, then the others
-        partner_values: list[float] = []
+        # each chosen partner's pairwise retentions in the group: with the run, then the others
+        partner_sides: list[list[float]] = []
         for p in fits:
             if set_retention([q.retention_self[method] for q in [*chosen, p]]) < self.tau:
                 continue
-            if between is not None:
-                to_p = [between_retention(q.other, p.other) for q in chosen]
-                from_p = [between_retention(p.other, q.other) for q in chosen]
-                updated = [v - (1.0 - d) for v, d in zip(partner_values, to_p, strict=True)]
-                own_p = set_retention([p.retention_other[method], *from_p])
-                if min([own_p, *updated]) < self.tau:
-                    continue
-                partner_values = [*updated, own_p]
+            if between is None:
+                sides = [*partner_sides, [p.retention_other[method]]]
             else:
-                partner_values.append(p.retention_other[method])
+                sides = [
+                    [*side, between_retention(q.other, p.other)]
+                    for side, q in zip(partner_sides, chosen, strict=True)
+                ]
+                sides.append(
+                    [
+                        p.retention_other[method],
+                        *(between_retention(p.other, q.other) for q in chosen),
+                    ]
+                )
+                if min(set_retention(side) for side in sides) < self.tau:
+                    continue
+            partner_sides = sides
             chosen.append(p)
-        return chosen, partner_values
+        return chosen, [set_retention(side) for side in partner_sides]
 
     def plan(self, names: Sequence[str], pairs: Iterable[PairPrediction]) -> list[Decision]:
         """Greedy grouping of ``names`` into as few merged models as keep all members ≥ tau.

@@ -67,61 +67,49 @@ def _sign_agreement(x: torch.Tensor, y: torch.Tensor, top: float = 0.2) -> float
     return agree / total if total else NAN
 
 
+_SIDES = {"output": 0, "input": 1}
+# The subspace signals and the side of the update sketches each compares. Input: adapters
+# trained with the same seed share most of their LoRA A rows (the task head's initialisation
+# shifts the random stream by whole rows), so their updates read the same input directions.
+_SUBSPACE_SIGNALS = {"update_subspace_excess": "output", "update_input_subspace_excess": "input"}
+
+
 def _subspace_bases(
-    sketches: torch.Tensor, ranks: list[int], side: str = "output"
-) -> list[torch.Tensor | None]:
-    """Per layer, an orthonormal basis (k × r) of a sketch's top-r column space
-    (``side="output"``: what the update writes, B's side) or row space (``"input"``: the input
-    directions it reads, A's side); ``None`` where the layer has no subspace (no update, rank
-    0, or values that are not finite)."""
+    sketches: torch.Tensor, ranks: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per layer, orthonormal bases (k × r) of a sketch's top-r column space (what the update
+    writes, B's side) and row space (the input directions it reads, A's side), from one
+    decomposition; ``None`` where the layer has no subspace (no update, rank 0, or values
+    that are not finite)."""
     sketches = sketches.double()
     k = sketches.shape[-2]
     flat = sketches.flatten(1)
     valid = torch.isfinite(flat).all(1) & (flat.abs().sum(1) > 0)
     valid &= torch.tensor([r > 0 for r in ranks], dtype=torch.bool)
-    bases: list[torch.Tensor | None] = [None] * len(ranks)
+    bases: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(ranks)
     if valid.any():
         chosen = torch.nonzero(valid).flatten().tolist()
         # one batched decomposition: the callback reads every partner's at its horizon
         u, _, vh = torch.linalg.svd(sketches[valid], full_matrices=False)
         for b, i in enumerate(chosen):
             rank = min(ranks[i], k)
-            bases[i] = u[b, :, :rank] if side == "output" else vh[b, :rank].T
+            bases[i] = (u[b, :, :rank], vh[b, :rank].T)
     return bases
 
 
-def _excess(bases_x: list, bases_y: list) -> float:
-    """Mean over layers of two bases' overlap above its chance level: overlap =
-    ‖U_xᵀ U_y‖²_F / min(r_x, r_y); two random subspaces of R^k overlap by max(r_x, r_y) / k on
-    average."""
-    pairs = [
-        (x, y) for x, y in zip(bases_x, bases_y, strict=True) if x is not None and y is not None
-    ]
-    if not pairs:
-        return NAN
-    if len({(x.shape, y.shape) for x, y in pairs}) == 1:  # one shape: one batched product
-        (k, rx), ry = pairs[0][0].shape, pairs[0][1].shape[1]
-        x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
-        overlaps = (x.transpose(1, 2) @ y).square().sum((1, 2)) / min(rx, ry)
-        return float((overlaps - max(rx, ry) / k).mean())
+def _excess(bases_x: list, bases_y: list, side: str) -> float:
+    """Mean over layers of two sketches' overlap above its chance level, on ``side``
+    (``"output"``: column spaces, ``"input"``: row spaces): overlap = ‖U_xᵀ U_y‖²_F /
+    min(r_x, r_y); two random subspaces of R^k overlap by max(r_x, r_y) / k on average."""
     values = []
-    for ux, uy in pairs:
+    for x, y in zip(bases_x, bases_y, strict=True):
+        if x is None or y is None:
+            continue
+        ux, uy = x[_SIDES[side]], y[_SIDES[side]]
         (k, rx), ry = ux.shape, uy.shape[1]
         overlap = float((ux.T @ uy).square().sum()) / min(rx, ry)
         values.append(overlap - max(rx, ry) / k)
-    return sum(values) / len(values)
-
-
-def _subspace_excess(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    ranks_x: list[int],
-    ranks_y: list[int],
-    side: str = "output",
-) -> float:
-    """Mean over layers of the overlap of two sketches' subspaces (``side`` as in
-    ``_subspace_bases``) above its chance level."""
-    return _excess(_subspace_bases(x, ranks_x, side), _subspace_bases(y, ranks_y, side))
+    return sum(values) / len(values) if values else NAN
 
 
 def shared_input_directions(a: Signature, partners: Collection[Signature]) -> dict[str, float]:
@@ -133,7 +121,7 @@ def shared_input_directions(a: Signature, partners: Collection[Signature]) -> di
     if "update_sketch" not in pa.tensors:
         return {}
     ranks = a.metadata["adapter"]["ranks"]
-    bases_a = _subspace_bases(pa.tensors["update_sketch"], ranks, "input")
+    bases_a = _subspace_bases(pa.tensors["update_sketch"], ranks)
     out = {}
     for b in partners:
         try:
@@ -145,8 +133,8 @@ def shared_input_directions(a: Signature, partners: Collection[Signature]) -> di
         if not names or "update_sketch" not in pb.tensors:
             continue
         ranks_b = [b.metadata["adapter"]["ranks"][i] for i in rows_b]
-        bases_b = _subspace_bases(pb.tensors["update_sketch"][rows_b], ranks_b, "input")
-        out[b.name] = _excess([bases_a[i] for i in rows_a], bases_b)
+        bases_b = _subspace_bases(pb.tensors["update_sketch"][rows_b], ranks_b)
+        out[b.name] = _excess([bases_a[i] for i in rows_a], bases_b, "input")
     return out
 
 
@@ -272,17 +260,12 @@ def pairwise_signals(
             out["update_sign_agreement"] = _sign_agreement(
                 ta["update_entries"][ia], tb["update_entries"][ib]
             )
-        if wanted("update_subspace_excess"):
-            out["update_subspace_excess"] = _subspace_excess(
-                ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b
-            )
-        if wanted("update_input_subspace_excess"):
-            # Adapters trained with the same seed share most of their LoRA A rows (the
-            # head's initialisation shifts the random stream by whole rows), so their
-            # updates read the same input directions.
-            out["update_input_subspace_excess"] = _subspace_excess(
-                ta["update_sketch"][ia], tb["update_sketch"][ib], ranks_a, ranks_b, "input"
-            )
+        subspaces = {name: side for name, side in _SUBSPACE_SIGNALS.items() if wanted(name)}
+        if subspaces:
+            bases_a = _subspace_bases(ta["update_sketch"][ia], ranks_a)
+            bases_b = _subspace_bases(tb["update_sketch"][ib], ranks_b)
+            for name, side in subspaces.items():
+                out[name] = _excess(bases_a, bases_b, side)
     else:
         out.update(
             update_cosine=NAN,
