@@ -11,7 +11,8 @@ Under torchrun every process trains (batch 16 each) and process 0 reports; the d
 timing is skipped (it is the same code as in one process).
 
 Then times the one-time decision at the horizon (what the callback does there: load every
-store entry and the default predictor, predict against each, decide) for stores of
+store entry and the default predictor, predict against each, decide, weigh the partners
+against each other, check for a shared LoRA initialisation) for stores of
 ``--store-sizes`` signatures, copies of the run's own signature under other names.
 """
 
@@ -46,6 +47,7 @@ from mergeprobe import (  # noqa: E402
     load_predictors,
 )
 from mergeprobe.policy import predict_between, predict_pairs  # noqa: E402
+from mergeprobe.signals.compare import shared_input_directions  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
@@ -111,10 +113,10 @@ def run(path, tokenizer, dataset, steps, out, callback=None) -> float:
     return time.perf_counter() - start
 
 
-def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float, float]]:
-    """Seconds to load ``n`` store entries, to predict against them and decide, and to weigh
-    the partners against each other (the callback does it for those that could join the run;
-    here every one, the worst case)."""
+def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float, float, float]]:
+    """Seconds to load ``n`` store entries, to predict against them and decide, to weigh the
+    partners against each other (the callback does it for those that could join the run;
+    here every one, the worst case) and to check which share the run's LoRA initialisation."""
     predictors, _ = load_predictors()
     finished, _ = load_predictors(state="early_vs_final")  # as the callback loads them
     # the run at its horizon, as when the callback decides; its copies are finished partners
@@ -133,7 +135,11 @@ def time_decisions(signature, sizes, tmp: Path) -> list[tuple[int, float, float,
         Policy().decide(signature.name, pairs)
         decided = time.perf_counter()
         Policy().decide(signature.name, pairs, predict_between(partners))
-        rows.append((n, loaded - start, decided - loaded, time.perf_counter() - decided))
+        weighed = time.perf_counter()
+        shared_input_directions(signature, partners)
+        rows.append(
+            (n, loaded - start, decided - loaded, weighed - decided, time.perf_counter() - weighed)
+        )
         print(f"decision against {n} entries: {sum(rows[-1][1:]):.2f} s")
     return rows
 
@@ -227,14 +233,12 @@ def main(argv=None) -> None:
     print()
     print(
         "| store entries | load entries | predict + decide | weigh the partners against each "
-        "other (all of them) | total |"
+        "other (all of them) | shared LoRA initialisation | total |"
     )
-    print("|---|---|---|---|---|")
-    for n, load_s, decide_s, between_s in decision_rows:
-        print(
-            f"| {n} | {load_s:.2f} s | {decide_s:.2f} s | {between_s:.2f} s | "
-            f"{load_s + decide_s + between_s:.2f} s |"
-        )
+    print("|---|---|---|---|---|---|")
+    for n, *seconds in decision_rows:
+        cells = " | ".join(f"{s:.2f} s" for s in seconds)
+        print(f"| {n} | {cells} | {sum(seconds):.2f} s |")
 
 
 if __name__ == "__main__":
