@@ -509,23 +509,21 @@ def progress(items: Sequence, label: str) -> Iterable:
         return items
 
 
-def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]:
+def train_adapters(config: BenchConfig, cache: Path) -> list[dict]:
+    """Train (or find in the cache) one adapter per task and seed, each signed into the
+    configuration's store; their records."""
     import transformers
     from transformers import AutoTokenizer
 
-    from mergeprobe import SignatureStore, pairwise_signals
+    from mergeprobe import SignatureStore
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    started = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     # one store per training configuration: runs of other settings reuse the same run names
     store = SignatureStore(cache / "stores" / config.store_key())
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
-
-    # 1. train (or find in the cache) one adapter per task and seed
     records = []
     jobs = [(t, s) for t in config.tasks for s in config.seeds]
     for k, (task, seed) in enumerate(jobs, 1):
@@ -537,7 +535,22 @@ def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]
         path.mkdir(parents=True, exist_ok=True)
         records.append(train_adapter(config, tasks[task], seed, tokenizer, store, path))
         log(f"      done in {records[-1]['train_seconds']} s, loss {records[-1]['train_loss']:.3f}")
+    return records
+
+
+def run_benchmark(config: BenchConfig, cache: Path, out: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from mergeprobe import SignatureStore, pairwise_signals
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # 1. train (or find in the cache) one adapter per task and seed
+    records = train_adapters(config, cache)
     train_seconds = sum(r["train_seconds"] for r in records)
+    store = SignatureStore(cache / "stores" / config.store_key())
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
 
     # 2. load every adapter's dense updates and head
     adapters, key_of = load_adapters(config, cache, tasks)
@@ -902,6 +915,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="results folder (default: benchmarks/results[/quick])")
     parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train and sign the adapters into --cache (what the early-run evaluations read "
+        "as finished adapters), measure nothing",
+    )
+    parser.add_argument(
         "--summary-only",
         action="store_true",
         help="rewrite summary.md from the results already in --out (nothing is measured)",
@@ -941,6 +960,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_length=args.max_length,
         triples=args.triples,
     )
+    if args.train_only:
+        records = train_adapters(config, Path(args.cache))
+        log(f"{len(records)} adapters trained or found in {args.cache}")
+        return 0
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     results = run_benchmark(config, Path(args.cache), out)
     results["command"] = "python benchmarks/merge_retention.py " + " ".join(

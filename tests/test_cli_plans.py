@@ -154,8 +154,9 @@ def test_plan_takes_a_predictor_file_per_state(tmp_path, adapters, capsys):
     assert main([*command, "--predictor-for", f"final={predictor}"]) == 0
     plan = json.loads(out.read_text())
     # both adapters are finished: every pair is the given final file's
-    assert plan["predictor"]["name"] == "given (final)"
-    assert plan["predictor"]["files"] == {"final": str(predictor)}
+    # named by its file, with the file's own record of what it was fitted on
+    assert plan["predictor"]["name"] == str(predictor)
+    assert plan["predictor"]["trained_on"] == 20
     assert all(p["retention"]["direct"] == pytest.approx(0.97, abs=1e-6) for p in plan["pairs"])
     out.unlink()
     capsys.readouterr()
@@ -164,6 +165,8 @@ def test_plan_takes_a_predictor_file_per_state(tmp_path, adapters, capsys):
         (["--predictor-for", "final"], "STATE=PATH"),
         (["--predictor-for", f"final={predictor}", "--predictor", str(predictor)], "neither"),
         (["--predictor-for", f"final={tmp_path / 'none.skops'}"], "no predictor file"),
+        # read even where no pair is of its state (both adapters are finished)
+        (["--predictor-for", f"early={tmp_path / 'none.skops'}"], "no predictor file"),
     ):
         assert expected in _error(capsys, [*command, *argument])
         assert not out.exists()

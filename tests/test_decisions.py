@@ -60,7 +60,7 @@ def test_a_run_with_nothing_to_compare_with_writes_a_decision_that_says_so(tmp_p
     (decision,) = [r for r in records if r["event"] == "decision"]
     assert decision["step"] == 3 and decision["pairs"] == []
     assert "no compatible signature" in decision["reasons"][0]
-    assert decision["predictor"]["name"] == "default"
+    assert decision["predictor"]["name"] == "default (early)"
     assert 0 <= decision["overhead_seconds"] < 60  # the one-time cost of deciding is recorded
     assert [r["event"] for r in records][-1] == "final"  # training went on to the end
 

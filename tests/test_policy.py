@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergeprobe import InvalidParameterError, PairPrediction, Policy
+from mergeprobe import InvalidParameterError, PairPrediction, Policy, save_predictors
 
 
 def _pair(a, b, direct, mean=None, other=None, redundancy=0.0):
@@ -338,11 +338,12 @@ def _ship_norm_damage(monkeypatch):
         "early_vs_final": _norm_damage(0.05),
         "final": _norm_damage(0.2),
     }
-    monkeypatch.setattr(
-        mergeprobe.predictor,
-        "load_predictors",
-        lambda path=None, *, state="early": (shipped[state], {"trained_on": state}),
-    )
+    real = mergeprobe.predictor.load_predictors
+
+    def load(path=None, *, state="early"):
+        return real(path) if path is not None else (shipped[state], {"trained_on": state})
+
+    monkeypatch.setattr(mergeprobe.predictor, "load_predictors", load)
 
 
 def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predictors_for_it(
@@ -381,7 +382,7 @@ def test_a_default_plan_predicts_runs_beside_finished_adapters_with_the_predicto
     assert "early_vs_final" not in mine["predictor"]
 
 
-def test_a_plan_takes_sets_of_ones_own_per_state(monkeypatch):
+def test_a_plan_takes_sets_of_ones_own_per_state(monkeypatch, tmp_path):
     from mergeprobe.policy import build_plan
 
     _ship_norm_damage(monkeypatch)
@@ -398,6 +399,11 @@ def test_a_plan_takes_sets_of_ones_own_per_state(monkeypatch):
     assert plan["predictor"]["name"] == "default (early)"
     assert plan["predictor"]["final"] == {"name": "given (final)", "trained_on": None}
     assert plan["predictor"]["early_vs_final"]["name"] == "default (early_vs_final)"
+    # the same set as a file: the same pairs, named by the file, with what it was fitted on
+    path = save_predictors(_norm_damage(0.5), tmp_path / "final.skops", {"trained_on": 7})
+    from_file = build_plan([run, done, done2], policy=policy, sets={"final": path})
+    assert from_file["pairs"] == plan["pairs"]
+    assert from_file["predictor"]["final"] == {"name": str(path), "trained_on": 7}
     # the plan's pairs are predict_between's with the same sets
     from mergeprobe import predict_between
 

@@ -27,8 +27,15 @@ from transformers.trainer_callback import ExportableState
 from ._util import utc_now
 from .decision_log import DecisionLog
 from .exceptions import InvalidParameterError, MergeprobeError
-from .policy import PAIR_STATES, Policy, predict_between, predict_pairs
-from .predictor import load_predictors
+from .policy import (
+    PAIR_STATES,
+    Policy,
+    _check_states,
+    _predictor_set,
+    _set_name,
+    predict_between,
+    predict_pairs,
+)
 from .probe import SignalRecorder, positive_int, resolve_anchor_inputs
 from .signals.compare import shared_input_directions
 from .signature import Signature
@@ -258,12 +265,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 f"Got {on_incompatible!r} instead."
             )
         if isinstance(predictor, Mapping):
-            unknown = sorted(set(predictor) - set(PAIR_STATES))
-            if unknown or not predictor:
+            if not predictor:
                 raise InvalidParameterError(
                     f"The 'predictor' parameter of {owner} must be a file or a dict from "
-                    f"states {list(PAIR_STATES)} to files. Got the keys {sorted(predictor)}."
+                    f"states {', '.join(PAIR_STATES)} to files. Got an empty dict."
                 )
+            _check_states(predictor, f"The 'predictor' dict of {owner}")
             bad = {k: v for k, v in predictor.items() if not isinstance(v, (str, os.PathLike))}
             if bad:
                 raise InvalidParameterError(
@@ -819,13 +826,13 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             "weights": decision.weights,
             "tau": policy.tau,
             "predictor": {
-                "name": self._predictor_name("early"),
+                "name": meta["name"],
                 "version": meta.get("mergeprobe_version"),
                 "trained_on": meta.get("trained_on"),
                 **(
                     {
                         "against_finished": {
-                            "name": self._predictor_name("early_vs_final"),
+                            "name": finished_meta["name"],
                             "trained_on": finished_meta.get("trained_on"),
                         }
                     }
@@ -834,43 +841,39 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 ),
                 # what weighed the partners against each other (finished ones: the final set)
                 **(
-                    {"between": {"name": self._predictor_name("final")}}
+                    {"between": {"name": sets.get("final", sets["early"])[1]["name"]}}
                     if between is not None
                     else {}
                 ),
             },
         }
 
-    def _predictor_sets(self) -> dict[str, tuple[dict, dict]]:
-        """(predictors, metadata) per state: one file for every pair (``"early"`` only), else
-        the shipped sets, each replaced by the user's file for its state where given."""
-        if self.predictor is not None and not isinstance(self.predictor, dict):
-            return {"early": load_predictors(self.predictor)}
-        given = self.predictor or {}
-        # the shipped final set is loaded only if partners are weighed against each other
-        sets = {
-            state: load_predictors(given.get(state), state=state)
-            for state in ("early", "early_vs_final", *(("final",) if "final" in given else ()))
-        }
-        if given:  # files of one's own may cover fewer merge methods than the shipped ones
-            methods = set.intersection(*(set(p) for p, _ in sets.values()))
-            if not methods:
-                raise InvalidParameterError(
-                    "the predictor files given per state share no merge method: "
-                    + "; ".join(f"{s}: {sorted(p)}" for s, (p, _) in sets.items())
-                )
-            sets = {
-                s: ({m: v for m, v in p.items() if m in methods}, meta)
-                for s, (p, meta) in sets.items()
-            }
-        return sets
+    @property
+    def _one_file(self) -> bool:
+        """Whether one predictor file predicts every pair (else a set per state)."""
+        return self.predictor is not None and not isinstance(self.predictor, dict)
 
-    def _predictor_name(self, state: str) -> str:
-        if isinstance(self.predictor, dict):
-            return str(self.predictor.get(state, f"default ({state})"))
-        if self.predictor is None:
-            return "default" if state == "early" else f"default ({state})"
-        return str(self.predictor)
+    def _given(self, state: str):
+        """The file given for the pairs of ``state``, or None for the shipped set."""
+        return self.predictor if self._one_file else (self.predictor or {}).get(state)
+
+    def _predictor_sets(self) -> dict[str, tuple[dict, dict]]:
+        """(predictors, record) per state: one file for every pair (``"early"`` only), else a
+        set per state, the user's file where given, else the shipped one."""
+        if self._one_file:
+            return {"early": _predictor_set("early", self.predictor)}
+        sets = {state: _predictor_set(state, self._given(state)) for state in PAIR_STATES}
+        # files of one's own may cover fewer merge methods than the shipped ones
+        methods = set.intersection(*(set(p) for p, _ in sets.values()))
+        if not methods:
+            raise InvalidParameterError(
+                "the predictor files given per state share no merge method: "
+                + "; ".join(f"{s}: {sorted(p)}" for s, (p, _) in sets.items())
+            )
+        return {
+            s: ({m: v for m, v in p.items() if m in methods}, record)
+            for s, (p, record) in sets.items()
+        }
 
     def _partner_pairs(
         self, policy: Policy, pairs, partners, sets
@@ -886,7 +889,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             return None, None
         try:
             methods = list(policy.methods)
-            if self.predictor is not None and not isinstance(self.predictor, dict):
+            if self._one_file:
                 # one file for every pair, as in a plan: partners at their last states
                 return predict_between(chosen, sets["early"][0], methods=methods), None
             loaded = {state: predictors for state, (predictors, _) in sets.items()}
@@ -943,7 +946,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                     "reasons": [f"no prediction could be made ({exc!r}); serve it separately"],
                     "pairs": [],
                     "set": {"members": [self.signature.name]},
-                    "predictor": {"name": self._predictor_name("early"), "version": None},
+                    "predictor": {
+                        "name": _set_name("early", self._given("early")),
+                        "version": None,
+                    },
                     "failed": True,
                 }
             # One-time cost (loads every partner and the predictor); benchmarks/overhead.py

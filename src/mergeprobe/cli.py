@@ -297,7 +297,7 @@ def _rehearse(args: argparse.Namespace, signatures: list, inputs: dict[str, str]
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .policy import PAIR_STATES, Policy, build_plan
+    from .policy import Policy, _check_states, build_plan
     from .predictor import load_predictors
     from .report import plan_table
     from .store import SignatureStore
@@ -320,11 +320,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.adapter and not inputs:
         raise _CommandError("--adapter is used only with --inputs (the merge rehearsal)")
     per_state = _name_paths(args.predictor_for, "--predictor-for", "STATE")
-    unknown = sorted(set(per_state) - set(PAIR_STATES))
-    if unknown:
-        raise _CommandError(
-            f"--predictor-for takes a state of {', '.join(PAIR_STATES)}; got {', '.join(unknown)}"
-        )
+    _check_states(per_state, "--predictor-for")
     if per_state and (args.predictor is not None or inputs):
         raise _CommandError(
             "--predictor-for replaces the shipped sets per state; it goes with neither "
@@ -339,8 +335,7 @@ def _plan(args: argparse.Namespace) -> int:
         predictors, meta = load_predictors(args.predictor)
         info = {"name": str(args.predictor), **meta}
     elif per_state:
-        sets = {state: load_predictors(path)[0] for state, path in per_state.items()}
-        info = {"files": {state: str(path) for state, path in per_state.items()}}
+        sets = per_state  # the plan names each set by its file
     policy = Policy(
         tau=args.tau, prune_similarity=args.prune_similarity, methods=tuple(args.methods)
     )

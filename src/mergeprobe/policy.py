@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -647,19 +648,48 @@ def _cells_by_predictor(choices, rows, cols):
     return [(p, (rows[m], cols[m])) for p, m in parts if m.any()]
 
 
+def _check_states(keys: Iterable[str], what: str) -> None:
+    """Refuse per-state predictors keyed by anything but ``PAIR_STATES``."""
+    unknown = sorted({str(k) for k in keys} - set(PAIR_STATES))
+    if unknown:
+        raise InvalidParameterError(
+            f"{what} is keyed by the states {', '.join(PAIR_STATES)}; got {', '.join(unknown)}"
+        )
+
+
+def _set_name(state: str, given: Any = None) -> str:
+    """How a decision or plan names the predictors of ``state`` (see ``_predictor_set``)."""
+    if given is None:
+        return f"default ({state})"
+    if isinstance(given, Mapping):
+        return f"given ({state})"
+    return os.fspath(given)
+
+
+def _predictor_set(state: str, given: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(predictors, record) for the pairs of ``state``: ``given`` predictors (method ->
+    predictor) or a predictor file, else the shipped set; the record names the set and
+    carries the file's metadata."""
+    from .predictor import load_predictors
+
+    name = _set_name(state, given)
+    if isinstance(given, Mapping):
+        return dict(given), {"name": name}
+    predictors, meta = load_predictors(given, state=state)
+    return predictors, {"name": name, **meta}
+
+
 def _predictors_by_cell(signatures, predictors, predictor_info, sets=None):
     """The predictors for a set of signatures: the given ones for every pair, else the set for
     their state (from ``sets``, else shipped), with the sets for a run beside a finished adapter
     and two finished adapters in a mixed store as ``(predictors, (n, n) mask of the cells they
     predict)``."""
-    from .predictor import load_predictors
+
+    # given files are read now, so a bad one is refused even where no pair needs its state
+    given = {state: _predictor_set(state, chosen) for state, chosen in (sets or {}).items()}
 
     def load(state: str):
-        """(predictors, their record) for ``state``: the given set, else the shipped one."""
-        if sets and state in sets:
-            return sets[state], {"name": f"given ({state})"}
-        predictors, meta = load_predictors(state=state)
-        return predictors, {"name": f"default ({state})", **meta}
+        return given[state] if state in given else _predictor_set(state)
 
     others: list[tuple[dict[str, Any], np.ndarray]] = []
     if predictors is None:
@@ -686,9 +716,7 @@ def _predictors_by_cell(signatures, predictors, predictor_info, sets=None):
 
 def _check_sets(predictors, sets) -> None:
     """Refuse per-state ``sets`` keyed by unknown states, or given beside ``predictors``."""
-    unknown = sorted(set(sets or ()) - set(PAIR_STATES))
-    if unknown:
-        raise InvalidParameterError(f"sets are keyed by {list(PAIR_STATES)}; got {unknown}")
+    _check_states(sets or (), "sets")
     if predictors is not None and sets:
         raise InvalidParameterError("give predictors (every pair) or sets (per state), not both")
 
@@ -730,7 +758,7 @@ def predict_between(
     signatures: Sequence,
     predictors: Mapping[str, Any] | None = None,
     *,
-    sets: Mapping[str, Mapping[str, Any]] | None = None,
+    sets: Mapping[str, Mapping[str, Any] | str | os.PathLike] | None = None,
     methods: Sequence[str] | None = None,
 ) -> list[PairPrediction]:
     """Predictions among ``signatures`` (one per unordered compatible pair, each at its last
@@ -738,9 +766,9 @@ def predict_between(
     ``Policy.decide`` weighs a run's partners against each other.
 
     ``predictors`` predicts every pair; without it each pair is predicted by the set for its
-    states, taken from ``sets`` (state -> predictors, states as in ``load_predictors``) where
-    given, else the shipped one. ``methods`` limits the merge methods predicted (default:
-    every method of the predictors).
+    states, taken from ``sets`` (state -> predictors or a predictor file, states as in
+    ``load_predictors``) where given, else the shipped one. ``methods`` limits the merge
+    methods predicted (default: every method of the predictors).
     """
     from .signals.compare import compatibility_matrix
 
@@ -789,7 +817,7 @@ def build_plan(
     include_pairs: bool | None = None,
     progress: bool = False,
     signals: Mapping[str, Any] | None = None,
-    sets: Mapping[str, Mapping[str, Any]] | None = None,
+    sets: Mapping[str, Mapping[str, Any] | str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """A plan for a set of signatures: every pair predicted, adapters grouped (design §5).
 
@@ -797,9 +825,9 @@ def build_plan(
     it, each pair is predicted by the set for its states: the signatures' state
     (``plan_state``) and, in a store of runs and finished adapters, a run beside a finished
     adapter by the set fitted for that (``load_predictors(state="early_vs_final")``) and two
-    finished adapters by the final set; each taken from ``sets`` (state -> predictors, states
-    ``"early"``, ``"early_vs_final"``, ``"final"``) where given, else the shipped one. Only the
-    merge methods every set in use covers are planned with.
+    finished adapters by the final set; each taken from ``sets`` (state -> predictors or a
+    predictor file, states ``"early"``, ``"early_vs_final"``, ``"final"``) where given, else
+    the shipped one. Only the merge methods every set in use covers are planned with.
     ``signals`` adds pairwise signals the signatures do not carry, each an (n, n) array (row:
     the adapter, column: its partner) in the order of ``signatures``, or in the order of a
     ``"names"`` entry, as ``rehearsal_kl`` returns them; predictors that read them (e.g.
