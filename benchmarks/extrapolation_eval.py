@@ -39,19 +39,18 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.head_signal_eval import (  # noqa: E402
-    REPRODUCTION_TOLERANCE,
+    benchmark_runs,
     early_run_config,
     early_run_parser,
-    reproduction_error,
 )
-from benchmarks.merge_retention import _hash, load_task, log  # noqa: E402
+from benchmarks.merge_retention import _hash, log  # noqa: E402
 from benchmarks.plan_eval import write_report  # noqa: E402
 from benchmarks.predictor_eval import bootstrap, load_pairs, metrics  # noqa: E402
 from benchmarks.rehearsal_eval import (  # noqa: E402
     damage_loto,
-    early_states,
     finished_states,
     rehearse,
+    reproduced_early_states,
 )
 
 SCALES = (3.0,)
@@ -94,17 +93,8 @@ def main(argv=None) -> int:
     results, cache, config, step = early_run_config(parser, args)
     started = time.perf_counter()
 
-    import transformers
-    from transformers import AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
-    runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
-    early, norms = early_states(config, cache, step, runs, tokenizer)
-    error = reproduction_error(config, cache, norms, step)
-    if error > REPRODUCTION_TOLERANCE:
-        raise SystemExit(f"retraining to step {step} does not reproduce the runs ({error:.1e})")
+    tokenizer, runs = benchmark_runs(config)
+    early, error = reproduced_early_states(config, cache, step, runs, tokenizer)
     finished = finished_states(config, cache, runs)
     if any(set(early[r][0]) != set(finished[r][0]) for r in early):
         raise SystemExit("the step-15 and finished updates cover different layers")

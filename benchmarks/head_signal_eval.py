@@ -107,6 +107,17 @@ def early_run_config(parser: argparse.ArgumentParser, args) -> tuple[Path, Path,
     return results, cache, config, max(1, round(args.fraction * config.steps))
 
 
+def benchmark_runs(config: BenchConfig):
+    """(tokenizer, [(run, task, seed)]): the benchmark's runs, task by task, as its tables."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
+    return tokenizer, [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
+
+
 def stop_at(step: int):
     """A TrainerCallback that ends training after optimizer step ``step``."""
     from transformers import TrainerCallback
@@ -255,17 +266,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results, cache, config, step = early_run_config(parser, args)
     started = time.perf_counter()
-    model = config.model
-    data = Path(config.data)
-
-    from transformers import AutoTokenizer
-
     from mergeprobe.probe import resolve_anchor_inputs
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer, runs = benchmark_runs(config)
     anchors, anchor_info = resolve_anchor_inputs(tokenizer)
-    tasks = {name: load_task(data, name) for name in config.tasks}
-    runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
     prefix = f"p{round(args.fraction * 100):02d}"
 
     table = pd.read_csv(results / "pairs.csv")

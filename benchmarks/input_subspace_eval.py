@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.head_signal_eval import (  # noqa: E402
     REPRODUCTION_TOLERANCE,
+    benchmark_runs,
     early_run_config,
     early_run_parser,
     stop_at,
@@ -46,7 +47,6 @@ from benchmarks.head_signal_eval import (  # noqa: E402
 )
 from benchmarks.merge_retention import (  # noqa: E402
     fresh_adapter,
-    load_task,
     log,
     make_trainer,
     progress,
@@ -185,11 +185,7 @@ def main(argv=None) -> int:
     results, cache, config, step = early_run_config(parser, args)
     started = time.perf_counter()
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
-    runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
+    tokenizer, runs = benchmark_runs(config)
     prefix = f"p{round(args.fraction * 100):02d}"
 
     table = load_pairs(results / "pairs.csv")

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.head_signal_eval import (  # noqa: E402
     REPRODUCTION_TOLERANCE,
+    benchmark_runs,
     early_run_config,
     early_run_parser,
     reproduction_error,
@@ -58,7 +59,6 @@ from benchmarks.merge_retention import (  # noqa: E402
     adapter_dir,
     collate_batches,
     load_adapter,
-    load_task,
     log,
     make_trainer,
     progress,
@@ -104,6 +104,19 @@ def early_states(config: BenchConfig, cache: Path, step: int, runs, tokenizer):
         states[run] = (deltas, head)
         norms[run] = {k: torch.linalg.norm(v.double()) for k, v in deltas.items()}
     return states, norms
+
+
+def reproduced_early_states(config: BenchConfig, cache: Path, step: int, runs, tokenizer):
+    """``early_states`` checked against the signatures' update norms: (states, the largest
+    relative difference); stops when the retrained runs are not the measured ones."""
+    states, norms = early_states(config, cache, step, runs, tokenizer)
+    error = reproduction_error(config, cache, norms, step)
+    if error > REPRODUCTION_TOLERANCE:
+        raise SystemExit(
+            f"retraining to step {step} does not reproduce the runs (update norms differ by "
+            f"{error:.1e}); the rehearsal would describe other adapters"
+        )
+    return states, error
 
 
 def own_rows(task, n: int) -> list[dict]:
@@ -272,20 +285,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     prefix = f"p{round(args.fraction * 100):02d}"
 
-    import transformers
-    from transformers import AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    tasks = {name: load_task(Path(config.data), name) for name in config.tasks}
-    runs = [(f"{t}-s{s}", tasks[t], s) for t in config.tasks for s in config.seeds]
-    states, norms = early_states(config, cache, step, runs, tokenizer)
-    error = reproduction_error(config, cache, norms, step)
-    if error > REPRODUCTION_TOLERANCE:
-        raise SystemExit(
-            f"retraining to step {step} does not reproduce the runs (update norms differ by "
-            f"{error:.1e}); the rehearsal would describe other adapters"
-        )
+    tokenizer, runs = benchmark_runs(config)
+    states, error = reproduced_early_states(config, cache, step, runs, tokenizer)
     signals, loss_drop = rehearse(config, tokenizer, runs, states, states, args.n, cache, str(step))
 
     table = load_pairs(results / "pairs.csv")
