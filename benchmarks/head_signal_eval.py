@@ -266,6 +266,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results, cache, config, step = early_run_config(parser, args)
     started = time.perf_counter()
+
     from mergeprobe.probe import resolve_anchor_inputs
 
     tokenizer, runs = benchmark_runs(config)
