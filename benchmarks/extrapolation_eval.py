@@ -56,23 +56,26 @@ from benchmarks.rehearsal_eval import (  # noqa: E402
 SCALES = (3.0,)
 
 
+def _norm(updates: dict) -> float:
+    """The norm of a run's whole update (every layer's ΔW together)."""
+    return float(sum(v.double().norm() ** 2 for v in updates.values()) ** 0.5)
+
+
 def own_variants(early: dict, finished: dict) -> dict[str, tuple[dict, bool]]:
     """{label: ({run: (updates, head state)}, whether it reads the finished run)}."""
     variants: dict[str, tuple[dict, bool]] = {"step-15 state as it is": (early, False)}
     for k in SCALES:
         scaled = {r: ({n: v * k for n, v in d.items()}, h) for r, (d, h) in early.items()}
         variants[f"step-15 update × {k:g}"] = (scaled, False)
+
+    def at_finished_norms(run: str) -> dict:
+        return {
+            n: v * (finished[run][0][n].norm() / v.norm().clamp_min(1e-12))
+            for n, v in early[run][0].items()
+        }
+
     variants["oracle: step-15 directions at the finished norms"] = (
-        {
-            r: (
-                {
-                    n: v * (finished[r][0][n].norm() / v.norm().clamp_min(1e-12))
-                    for n, v in d.items()
-                },
-                h,
-            )
-            for r, (d, h) in early.items()
-        },
+        {r: (at_finished_norms(r), early[r][1]) for r in early},
         True,
     )
     variants["oracle: finished update, step-15 head"] = (
@@ -98,13 +101,7 @@ def main(argv=None) -> int:
     finished = finished_states(config, cache, runs)
     if any(set(early[r][0]) != set(finished[r][0]) for r in early):
         raise SystemExit("the step-15 and finished updates cover different layers")
-    ratios = [
-        float(
-            sum(v.double().norm() ** 2 for v in finished[r][0].values()) ** 0.5
-            / sum(v.double().norm() ** 2 for v in early[r][0].values()) ** 0.5
-        )
-        for r in early
-    ]
+    ratios = [_norm(finished[r][0]) / _norm(early[r][0]) for r in early]
 
     frame = load_pairs(results / "pairs.csv")
     frame = frame[~frame.same_task].reset_index(drop=True)

@@ -841,7 +841,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 ),
                 # what weighed the partners against each other (finished ones: the final set)
                 **(
-                    {"between": {"name": sets.get("final", sets["early"])[1]["name"]}}
+                    {"between": {"name": _set_name("final", self._given("final"))}}
                     if between is not None
                     else {}
                 ),
@@ -862,7 +862,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         set per state, the user's file where given, else the shipped one."""
         if self._one_file:
             return {"early": _predictor_set("early", self.predictor)}
-        sets = {state: _predictor_set(state, self._given(state)) for state in PAIR_STATES}
+        # the final set weighs partners against each other only; predict_between loads the
+        # shipped one itself when it is needed (README's decision timings assume this)
+        states = [s for s in PAIR_STATES if s != "final" or self._given(s) is not None]
+        sets = {state: _predictor_set(state, self._given(state)) for state in states}
         # files of one's own may cover fewer merge methods than the shipped ones
         methods = set.intersection(*(set(p) for p, _ in sets.values()))
         if not methods:
