@@ -70,12 +70,12 @@ def seed_predictors(
 ):
     """Predictors for one seed's adapters, refitted on the other seed's measured pairs (the
     same tasks, other runs), and their label. With one seed there is no other: they are fitted
-    on the same pairs (in-sample), and the label says so. ``fallback``: signals of the model
-    for pairs that miss any of ``features`` (signatures recorded without a task head);
+    on the same pairs (in-sample), and the label says so. ``fallback``: the signals of the
+    models for pairs that miss any of ``features``, a chain of sets tried in order;
     ``power``: the damage model's."""
     others = [s for s in seeds if s != seed]
     source = others[0] if others else seed
-    read = dict.fromkeys([*features, *(fallback or ())])
+    read = dict.fromkeys([*features, *(name for names in fallback or () for name in names)])
     predictors = fit_predictors(
         training_rows(frame, source, read, probe),
         features=features,

@@ -123,17 +123,20 @@ def evaluate_plan(decisions, runner, by_run) -> tuple[dict[str, float], list]:
 def chosen_predictor(
     results: Path, model: str | None = None, probe: str = "p05"
 ) -> tuple[list[str], str, list[str] | None, float]:
-    """The feature set, model, fallback signals and the damage model's power (at ``probe``)
-    that predictor_eval.py chose (and shipped), if it ran."""
+    """The feature set, model, fallback signals (a chain of sets, tried in order) and the
+    damage model's power (at ``probe``) that predictor_eval.py chose (and shipped), if it ran."""
     chosen = results / "predictor_eval.json"
     if not chosen.is_file():
         return list(DEFAULT_FEATURES), model or DEFAULT_MODEL, None, 1.0
     report = json.loads(chosen.read_text())
     features = report["chosen_features"]
+    fallback = features.get("fallback") or None
+    if fallback and all(isinstance(name, str) for name in fallback):
+        fallback = [fallback]  # reports written before fallbacks were chains
     return (
         features["features"],
         model or report["chosen_model"],
-        features.get("fallback"),
+        fallback,
         float(features.get("powers", {}).get(probe, features.get("power", 1.0))),
     )
 

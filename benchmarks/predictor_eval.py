@@ -20,6 +20,7 @@ import math
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +112,36 @@ def signal_name(column: str) -> str:
 # kept the head): the best set without them.
 FALLBACK_SET = "partner interference"
 # Signals defined from other signals (pairwise_signals): not counted as measured signals.
-COMPOSITES = {"head_interference"}
+COMPOSITES = {"head_interference", "head_interference_room"}
+# Signals added after the sets below were declared (and fraction bookkeeping): kept out of them.
+LATER = {"label_room_self", "head_interference_room", "fraction_self", "fraction_other"}
 
 
-def load_pairs(path: Path) -> pd.DataFrame:
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+
+def label_rooms(data: Path) -> dict[str, float]:
+    """Each task's label room (``mergeprobe.signals.labels.label_room``): 1 − the share of its
+    most frequent label among the rows of its ``train.jsonl`` (the rows the benchmark trains
+    on). The callback counts the labels of the batches it sees before its horizon (240 at step
+    15 here, within about ±0.03 of the file's shares)."""
+    rooms = {}
+    for train in sorted(Path(data).glob("*/train.jsonl")):
+        with train.open() as f:
+            counts = Counter(json.loads(line)["label"] for line in f if line.strip())
+        if counts:
+            rooms[train.parent.name] = 1 - max(counts.values()) / sum(counts.values())
+    return rooms
+
+
+def load_pairs(path: Path, data: Path | None = None) -> pd.DataFrame:
     """The pair table, with the head signals of ``head_signal_eval.py`` (``head_signals.csv``
-    beside it) when the table predates the callback recording them, and the head interference
-    (``pairwise_signals``' definition) at every fraction that has both of its parts."""
+    beside it) when the table predates the callback recording them, the head interference
+    (``pairwise_signals``' definition) at every fraction that has both of its parts, and,
+    where ``data`` (default: the data folder of ``run.json`` beside the table, else
+    ``../shared/data``) holds the tasks' training files, the own task's label room and the
+    head interference scaled by it (``head_interference_room``) at every fraction: the
+    benchmark's signatures predate the callback counting labels."""
 
     def without_empty_head_columns(frame: pd.DataFrame) -> pd.DataFrame:
         # the benchmark's signatures carry no head: their head columns are empty
@@ -134,6 +158,18 @@ def load_pairs(path: Path) -> pd.DataFrame:
         target = f"{prefix}_head_interference"
         if ratio in table.columns and kl in table.columns and target not in table.columns:
             table[target] = np.sqrt(table[ratio] * table[kl].clip(lower=0))
+    if data is None:
+        run = Path(path).with_name("run.json")
+        config = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+        data = Path(config.get("data") or DEFAULT_DATA)
+    rooms = label_rooms(data) if Path(data).is_dir() else {}
+    if rooms:
+        room = table.self_task.map(rooms)
+        for prefix in PREFIXES:
+            head = f"{prefix}_head_interference"
+            if head in table.columns:
+                table[f"{prefix}_label_room_self"] = room
+                table[f"{prefix}_head_interference_room"] = table[head] * room
     return table.copy()  # one block again after the added columns
 
 
@@ -277,6 +313,9 @@ def main(argv=None) -> int:
         # Added after head_signal_eval.py measured the head signals on this table, and the
         # composite after looking at them: their figures carry that selection.
         "head interference": ["head_interference"],
+        # Added after the per-task errors followed the tasks' fragility (rehearsal_eval.md)
+        # and the tasks' label balance was seen to follow it: carries that selection too.
+        "head interference × label room": ["head_interference_room"],
         "partner interference + head": [
             "interference_ratio",
             "interference_ratio_last",
@@ -290,9 +329,9 @@ def main(argv=None) -> int:
             if ("norm" in f or "interference" in f) and not f.startswith("head_")
         ],
         "per-run only (no pair interaction)": [
-            f for f in signal_names if f.endswith(("_self", "_other")) and "fraction" not in f
+            f for f in signal_names if f.endswith(("_self", "_other")) and f not in LATER
         ],
-        "every signal": [f for f in signal_names if not f.startswith("head_")],
+        "every signal": [f for f in signal_names if not f.startswith("head_") and f not in LATER],
     }
 
     if args.feature_set is not None and args.feature_set not in feature_sets:
@@ -341,8 +380,14 @@ def main(argv=None) -> int:
         f"{k[0]} / {k[1]}": {"features": feature_sets[k[0]], "power": set_powers[k], **v}
         for k, v in set_scores.items()
     }
-    # Pairs without head signals (causal LMs, older signatures) need a model without them.
-    fallback = feature_sets[FALLBACK_SET] if any(f.startswith("head_") for f in features) else None
+    # Pairs without a label room (finished adapters added from disk, token labels) fall back
+    # to the head interference alone; pairs without head signals (causal LMs, older
+    # signatures) to a model without them.
+    fallback = []
+    if "head_interference_room" in features:
+        fallback.append(feature_sets["head interference"])
+    if any(f.startswith("head_") for f in features):
+        fallback.append(feature_sets[FALLBACK_SET])
     chosen_power = set_powers[(chosen_set, chosen_model)]
     out["chosen_features"] = {
         "set": chosen_set,
@@ -368,17 +413,19 @@ def main(argv=None) -> int:
             results[(model, prefix)] = (m, ci, pred)
             label = f"{model}, power {power:g}" if model == "damage" else model
             lines.append(f"| {label} | {prefix} | {fmt(m, ci)} |")
-    if fallback:
-        # The model that predicts pairs without head signals, at every fraction.
-        out["fallback_results"] = {}
+    # The models that predict pairs without the chosen signals, at every fraction.
+    out["fallback_results"] = {}
+    fallback_predictions = {}
+    for backup in fallback:
+        name = next(k for k, v in feature_sets.items() if v == backup)
         for prefix in PREFIXES:
-            if c := cols(prefix, fallback):
-                pred = loto(
-                    frame, c, y, chosen_model, power=power_of(prefix, fallback, chosen_model)
-                )
+            if c := cols(prefix, backup):
+                pred = loto(frame, c, y, chosen_model, power=power_of(prefix, backup, chosen_model))
                 m, ci = metrics(pred, y), bootstrap(pred, y)
-                out["fallback_results"][prefix] = {**m, "ci": ci}
-                label = f"{chosen_model}, fallback without head signals ({FALLBACK_SET})"
+                out["fallback_results"][f"{name}/{prefix}"] = {**m, "ci": ci}
+                fallback_predictions[(name, prefix)] = pred
+                without = "head signals" if name == FALLBACK_SET else "label room"
+                label = f"{chosen_model}, fallback without {without} ({name})"
                 lines.append(f"| {label} | {prefix} | {fmt(m, ci)} |")
     m5, _, pred5 = results[(chosen_model, "p05")]
     if chosen_model == "damage" and args.power == "auto":
@@ -548,6 +595,27 @@ def main(argv=None) -> int:
                 "bootstrap, 95 %).",
             ]
         lines.append("")
+    if "head_interference_room" in features:
+        # what the label room adds to the head interference it scales, state by state
+        out["label_room_gain"] = {}
+        gains = []
+        for prefix in ("p05", "p05f", "final"):
+            if (chosen_model, prefix) not in results:
+                continue
+            without = fallback_predictions[("head interference", prefix)]
+            with_room = results[(chosen_model, prefix)][2]
+            gain = spearmanr(with_room, y)[0] - spearmanr(without, y)[0]
+            low, high = paired_difference(without, with_room, y)
+            out["label_room_gain"][prefix] = [gain, low, high]
+            gains.append(f"{prefix} {gain:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines += [
+            "The label room (1 − the own task's majority-label share; the callback counts the "
+            "labels of the batches it sees before its horizon, here read from each task's "
+            "meta.json) scaling the head interference, against the head interference alone "
+            "(the fallback for pairs without it), Spearman: " + "; ".join(gains) + " (paired "
+            "bootstrap, 95 %).",
+            "",
+        ]
 
     # set retention from pairwise values, against the measured triples
     triples_path = Path(args.triples) if args.triples else pairs_path.with_name("triples.csv")
@@ -618,8 +686,9 @@ def main(argv=None) -> int:
             predictors = {}
             trained_on = {}
             present = [c[len(prefix) + 1 :] for c in cols(prefix, features)]
-            backup = [c[len(prefix) + 1 :] for c in cols(prefix, fallback)] if fallback else None
-            read = cols(prefix, dict.fromkeys([*features, *(fallback or ())]))
+            backup = [[c[len(prefix) + 1 :] for c in cols(prefix, b)] for b in fallback]
+            backup = [b for b in backup if b] or None
+            read = cols(prefix, dict.fromkeys([*features, *(f for b in fallback for f in b)]))
             for method in METHODS:
                 target = table[f"retention_ratio_{method}"].to_numpy(dtype=float)
                 keep = ~table.same_task.to_numpy() & np.isfinite(target)
@@ -627,7 +696,7 @@ def main(argv=None) -> int:
                 predictor = RetentionPredictor(
                     features=tuple(present),
                     model=chosen_model,
-                    fallback_features=tuple(backup) if backup else None,
+                    fallback_features=tuple(map(tuple, backup)) if backup else None,
                     power=args.power if chosen_model == "damage" else 1.0,
                 )
                 predictor.fit(

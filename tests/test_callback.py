@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -193,6 +194,27 @@ def test_tiny_bert_runs_compare_and_heads_do_not_break_compatibility(tmp_path):
     )
 
 
+def test_the_run_counts_its_training_labels_up_to_the_horizon(tmp_path):
+    # 64 rows in batches of 8 and a horizon of 8 steps: the counted batches are one epoch
+    store = SignatureStore(tmp_path / "store")
+    for name, labels in (("bert-2", 2), ("bert-3", 3)):
+        callback = MergeProbeCallback(
+            store, run_name=name, horizon=0.2, anchor_inputs=_anchors(), strict=True
+        )
+        rows = _classification_rows(num_labels=labels)
+        _train(tmp_path, name, callback, _tiny_bert(num_labels=labels), rows, max_steps=40)
+        counts = collections.Counter(int(r["labels"]) for r in rows.rows)
+        recorded = store.load(name).metadata["labels"]
+        assert recorded["counts"] == {str(k): v for k, v in sorted(counts.items())}
+        assert recorded["seen"] == 64
+        assert recorded["majority_fraction"] == pytest.approx(max(counts.values()) / 64)
+    a, b = store.load("bert-2"), store.load("bert-3")
+    signals = pairwise_signals(a, b, 0.2, 0.2)
+    room = 1 - a.metadata["labels"]["majority_fraction"]
+    assert signals["label_room_self"] == pytest.approx(room)
+    assert signals["head_interference_room"] == pytest.approx(room * signals["head_interference"])
+
+
 def test_failing_probe_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
     def broken(self):
         raise RuntimeError("probe exploded")
@@ -341,6 +363,9 @@ def test_resume_keeps_earlier_probes(tmp_path, restore_state):
     # 5 steps: 3 from before the checkpoint (restored) and 2 after.
     assert resumed.probes[2].families == ["update", "gradient", "drift"]
     assert resumed.probes[2].info["grad_steps"] == 5
+    # the labels of all 5 steps up to the horizon: step 3's come back from the checkpoint
+    assert full.metadata["labels"]["seen"] == 5 * 8
+    assert resumed.metadata["labels"] == full.metadata["labels"]
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,24 @@ def test_fit_takes_the_damage_models_power(tmp_path, capsys):
     assert exit_info.value.code == 2 and "expected 'auto' or a number" in capsys.readouterr().err
 
 
+def test_fit_chains_repeated_fallback_sets_in_order(tmp_path):
+    _write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "chain.skops"
+    args = ["fit", str(tmp_path / "pairs.jsonl"), "--out", str(out), "--model", "ridge"]
+    args += ["--features", "interference_ratio_last", "drift_norm_ratio"]
+    args += ["--fallback-features", "drift_norm_ratio", "cka_self"]
+    assert main([*args, "--fallback-features", "cka_self"]) == 0
+    direct = load_predictors(out)[0]["direct"]
+    assert direct.fallback_features == (("drift_norm_ratio", "cka_self"), ("cka_self",))
+    # a pair without the first feature goes to the first fallback, one without the first
+    # fallback's to the second
+    second, third = direct.fallback_, direct.fallback_.fallback_
+    rows = [{"drift_norm_ratio": 1.2, "cka_self": 0.9}, {"cka_self": 0.9}]
+    np.testing.assert_allclose(
+        direct.predict(rows), [second.predict(rows[:1])[0], third.predict(rows[1:])[0]]
+    )
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

@@ -172,6 +172,7 @@ def test_only_skips_the_costly_signals_not_asked_for_and_keeps_the_rest_exact():
         "update_input_subspace_excess",
         "interference_ratio_last",
         "head_interference",
+        "head_interference_room",
     }
     assert some["interference_ratio"] == full["interference_ratio"]
     # every cheap signal is still there, with the same value
@@ -282,3 +283,52 @@ def test_signal_matrices_keep_drift_when_one_signature_has_other_anchors():
     bare.metadata.pop("anchor")
     matrices = pairwise_signal_matrices([*signatures, bare])
     assert math.isfinite(float(matrices["update_norm_ratio"][0, 3]))
+
+
+def test_the_label_room_scales_the_head_interference_and_stays_missing_without_labels():
+    from mergeprobe.signals.compare import pairwise_signal_matrices
+
+    a = _random_signature("a", 1, ("l0", "l1"), (1, 2))
+    b = _random_signature("b", 2, ("l0", "l1"), (1, 2))
+    c = _random_signature("c", 3, ("l0", "l1"), (1, 2))
+    a.metadata["labels"] = {"counts": {"0": 30, "1": 10}, "seen": 40, "majority_fraction": 0.75}
+    b.metadata["labels"] = {"counts": {"0": 5, "1": 5}, "seen": 10, "majority_fraction": 0.5}
+    ab, ba, ac, ca = (pairwise_signals(x, y) for x, y in ((a, b), (b, a), (a, c), (c, a)))
+    # the run's own room: 1 - 30/40 as the run, 1 - 5/10 for b
+    assert ab["label_room_self"] == pytest.approx(0.25) and ba["label_room_self"] == 0.5
+    assert ab["head_interference_room"] == pytest.approx(0.25 * ab["head_interference"])
+    assert ac["head_interference_room"] == pytest.approx(0.25 * ac["head_interference"])
+    # c recorded no labels: its room and the scaled signal are missing, never zero
+    assert math.isfinite(ca["head_interference"])
+    assert math.isnan(ca["label_room_self"]) and math.isnan(ca["head_interference_room"])
+    matrices = pairwise_signal_matrices([a, b, c])
+    for i, j, expected in ((0, 1, ab), (1, 0, ba), (0, 2, ac), (2, 0, ca)):
+        for name in ("label_room_self", "head_interference_room"):
+            assert float(matrices[name][i, j]) == pytest.approx(expected[name], nan_ok=True)
+
+
+def test_the_label_counter_counts_training_class_labels_only():
+    from torch import nn
+
+    from mergeprobe.signals.labels import LabelCounter
+
+    class Model(nn.Module):
+        def forward(self, input_ids=None, labels=None):
+            return input_ids
+
+    model = Model()
+    counter = LabelCounter({1: 2})  # a resumed run's earlier batches
+    counter.attach(model)
+    model.train()
+    model(input_ids=torch.ones(4), labels=torch.tensor([0, 1, 1, -100]))  # -100: ignored
+    model(input_ids=torch.ones(2), labels=torch.tensor([[0, 1], [1, 1]]))  # token labels
+    model(input_ids=torch.ones(2), labels=torch.tensor([0.5, 1.5]))  # regression
+    model(input_ids=torch.ones(2))  # no labels
+    model.eval()
+    model(input_ids=torch.ones(2), labels=torch.tensor([0, 0]))  # evaluation
+    model.train()
+    assert counter.summary() == {"counts": {"0": 1, "1": 4}, "seen": 5, "majority_fraction": 0.8}
+    counter.detach()
+    model(input_ids=torch.ones(1), labels=torch.tensor([0]))
+    assert counter.summary()["seen"] == 5 and not counter.attached
+    assert LabelCounter().summary() is None

@@ -139,9 +139,11 @@ def test_the_decision_weighs_the_partners_against_each_other(tmp_path, monkeypat
     # the shipped final set on their last probes, computed here by hand
     import itertools
 
+    from mergeprobe.predictor import _signals_read
+
     store = SignatureStore(tmp_path / "store")
     final = load_predictors(state="final")[0][method]
-    read = {*final.features, *(final.fallback_features or ())}
+    read = set(_signals_read(final))
     finished = {m: store.load(m) for m in members[1:]}
 
     def by_hand(x, y):

@@ -228,6 +228,43 @@ def test_rows_missing_a_feature_go_to_the_fallback_model(tmp_path):
     np.testing.assert_array_equal(loaded["direct"].predict([with_head, without]), point)
 
 
+def test_fallbacks_chain_in_order_and_round_trip(tmp_path):
+    rows, _, groups = _rows()
+    for k, row in enumerate(rows):
+        row["head_kl"] = 0.01 * (1 + k % 7)
+        row["head_interference"] = 0.02 * (1 + k % 5)
+    y = np.array([1 - 2.0 * r["head_kl"] - r["head_interference"] for r in rows])
+    chain = (("head_interference",), ("interference_ratio_last",))
+    predictor = RetentionPredictor(
+        features=("head_kl",), model="damage", fallback_features=chain
+    ).fit(rows, y, groups=groups)
+    second = RetentionPredictor(features=("head_interference",), model="damage").fit(
+        rows, y, groups=groups
+    )
+    third = RetentionPredictor(features=("interference_ratio_last",), model="damage").fit(
+        rows, y, groups=groups
+    )
+    full = {"head_kl": 0.05, "head_interference": 0.04, "interference_ratio_last": 1.0}
+    no_kl = {"head_interference": 0.04, "interference_ratio_last": 1.0}
+    neither = {"interference_ratio_last": 1.0}
+    point = predictor.predict([full, no_kl, neither])
+    assert point[1] == pytest.approx(second.predict([no_kl])[0])
+    assert point[2] == pytest.approx(third.predict([neither])[0])
+    assert predictor.fallback_.fallback_features == (("interference_ratio_last",),)
+    low, high = predictor.predict_interval([neither])[0]
+    assert high - low == pytest.approx(np.subtract(*third.residual_quantiles_[::-1]))
+    path = save_predictors({"direct": predictor}, tmp_path / "chain.skops")
+    loaded, _ = load_predictors(path)
+    np.testing.assert_array_equal(loaded["direct"].predict([full, no_kl, neither]), point)
+
+
+@pytest.mark.parametrize("fallback", ["head_kl", (), (("head_kl",), "x"), ((),)])
+def test_a_malformed_fallback_chain_is_refused(fallback):
+    rows, y, groups = _rows()
+    with pytest.raises(InvalidParameterError, match="fallback_features must be"):
+        RetentionPredictor(features=FEATURES, fallback_features=fallback).fit(rows, y, groups)
+
+
 def test_the_main_model_learns_only_from_rows_that_have_its_features():
     rows, _, groups = _rows()
     rng = np.random.default_rng(1)
@@ -346,14 +383,22 @@ def test_a_predictor_saved_before_powers_existed_reads_its_signals_straight():
 def test_the_shipped_default_reads_the_head_and_falls_back_without_it():
     predictors, meta = load_predictors()
     direct = predictors["direct"]
-    assert direct.features == ("head_interference",) and direct.model == "damage"
-    assert direct.fallback_features == ("interference_ratio", "interference_ratio_last")
+    assert direct.features == ("head_interference_room",) and direct.model == "damage"
+    assert direct.fallback_features == (
+        ("head_interference",),
+        ("interference_ratio", "interference_ratio_last"),
+    )
     assert meta["power"]["direct"] == direct.power_ and 0 < direct.power_ < 1
     (coef,) = direct.estimator_[-1].coef_
-    with_head = {"head_interference": 0.04, "interference_ratio": 9.0}
-    values = direct.predict([with_head, {"head_interference": 0.0}])
-    assert values[0] == pytest.approx(1 - coef * 0.04**direct.power_)  # the ratio is unread
+    with_room = {"head_interference_room": 0.02, "head_interference": 0.04, "interference_ratio": 9}
+    values = direct.predict([with_room, {"head_interference_room": 0.0}])
+    assert values[0] == pytest.approx(1 - coef * 0.02**direct.power_)  # the rest is unread
     assert values[1] == pytest.approx(1.0)
-    # a causal LM's pair (no head signals) goes to the head-free fallback
+    # no label room (a finished adapter added from disk): the head interference alone
+    head = direct.fallback_
+    (head_coef,) = head.estimator_[-1].coef_
+    no_room = {"head_interference": 0.04, "interference_ratio": 0.5}
+    assert direct.predict([no_room])[0] == pytest.approx(1 - head_coef * 0.04**head.power_)
+    # a causal LM's pair (no head signals) goes on to the head-free model
     no_head = {"interference_ratio": 0.5, "interference_ratio_last": 0.5}
-    assert direct.predict([no_head])[0] == pytest.approx(direct.fallback_.predict([no_head])[0])
+    assert direct.predict([no_head])[0] == pytest.approx(head.fallback_.predict([no_head])[0])

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from .policy import (
 )
 from .probe import SignalRecorder, positive_int, resolve_anchor_inputs
 from .signals.compare import shared_input_directions
+from .signals.labels import LabelCounter
 from .signature import Signature
 from .store import SignatureStore, sanitize_name
 
@@ -112,20 +114,23 @@ CHECKPOINT_FILE = "mergeprobe_state.safetensors"
 SHARED_INIT_EXCESS = 0.1
 
 
-def _load_checkpoint_state(output_dir, step: int) -> tuple[dict, dict, int]:
-    """(anchor inputs, gradient totals, gradient steps) saved beside checkpoint ``step``."""
+def _load_checkpoint_state(output_dir, step: int) -> tuple[dict, dict, int, dict]:
+    """(anchor inputs, gradient totals, gradient steps, label counts) saved beside
+    checkpoint ``step``."""
     path = Path(output_dir or ".") / f"checkpoint-{step}" / CHECKPOINT_FILE
     if not path.is_file():
-        return {}, {}, 0
+        return {}, {}, 0, {}
     from safetensors import safe_open
 
     anchors, totals = {}, {}
     with safe_open(str(path), "pt") as f:
-        steps = int((f.metadata() or {}).get("grad_steps", 0))
+        metadata = f.metadata() or {}
+        steps = int(metadata.get("grad_steps", 0))
+        labels = {int(k): int(v) for k, v in json.loads(metadata.get("label_counts", "{}")).items()}
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             family, _, name = key.partition(".")
             (anchors if family == "anchor" else totals)[name] = f.get_tensor(key)
-    return anchors, totals, steps
+    return anchors, totals, steps, labels
 
 
 def _distributed() -> bool:
@@ -352,6 +357,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.horizon_steps = 0
         self._active = False
         self._recorder: SignalRecorder | None = None
+        self._labels: LabelCounter | None = None
         self._store: SignatureStore | None = None
         self._log: DecisionLog | None = None
         self._trainer = None
@@ -463,9 +469,21 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             exc,
         )
 
+    def _label_hook_failed(self, exc: BaseException) -> None:
+        self.failures.append(f"label hook: {exc!r}")
+        if self.strict:
+            raise exc
+        logger.warning(
+            "mergeprobe: counting the training labels failed (%r); the label room is unknown, "
+            "training goes on.",
+            exc,
+        )
+
     def _detach(self) -> None:
         if self._recorder is not None:
             self._recorder.gradient.detach()
+        if self._labels is not None:
+            self._labels.detach()
 
     def _reset(self) -> None:
         """Forget everything of a previous ``train()`` (a callback instance can be reused)."""
@@ -473,6 +491,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.overhead_seconds = 0.0
         self.signature = None
         self._recorder = None
+        self._labels = None
         self._store = None
         self._log = None
         self._trainer = None
@@ -525,8 +544,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
         resuming = state.global_step > 0
         anchor_inputs = self.anchor_inputs
-        saved_anchors, saved_totals, saved_steps = (
-            _load_checkpoint_state(args.output_dir, state.global_step) if resuming else ({}, {}, 0)
+        saved_anchors, saved_totals, saved_steps, saved_labels = (
+            _load_checkpoint_state(args.output_dir, state.global_step)
+            if resuming
+            else ({}, {}, 0, {})
         )
         if anchor_inputs is None and saved_anchors:
             anchor_inputs = saved_anchors
@@ -551,6 +572,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             on_error=self._hook_failed,
             strict=self.strict,
         )
+        # The class balance of what the run trains on, up to its horizon (label_room).
+        self._labels = LabelCounter(saved_labels, on_error=self._label_hook_failed)
+        if state.global_step < self.horizon_steps:
+            self._labels.attach(model)
         # handed to the collective part of the setup
         self._pending = (name, saved_totals, saved_steps)
 
@@ -655,6 +680,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 previous.name,
             )
         self.run_id = meta.get("run_id")
+        labels = meta.get("labels") or {}
+        if isinstance(labels.get("counts"), dict):
+            current["labels"] = labels
+            # the checkpoint's counts, when it has them, cover the steps after the last probe
+            if self._labels is not None and not self._labels.counts:
+                self._labels.counts = {int(k): int(v) for k, v in labels["counts"].items()}
         if meta.get("covariates"):
             current["covariates"] = meta["covariates"]
             self._first_loss = (
@@ -699,8 +730,11 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         tensors = {f"anchor.{k}": torch.as_tensor(v).contiguous() for k, v in anchors.items()}
         gradient = self._recorder.gradient
         tensors.update({f"grad.{k}": v.contiguous() for k, v in gradient.totals().items()})
-        if tensors:
+        labels = self._labels.summary() if self._labels is not None else None
+        if tensors or labels:
             metadata = {"grad_steps": str(gradient.steps)}
+            if labels:
+                metadata["label_counts"] = json.dumps(labels["counts"])
             save_file(tensors, str(folder / CHECKPOINT_FILE), metadata=metadata)
 
     @_guarded
@@ -728,6 +762,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         ):
             self._probe(state, "probe", control)
             if state.global_step == max(self.probe_steps):
+                self._labels.detach()
                 self._decide(state, control)
 
     @_guarded
@@ -755,6 +790,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             self._active = False
             self._trainer = None  # do not keep the Trainer (and its model) alive
             self._recorder = None
+            self._labels = None
 
     # -- probing ---------------------------------------------------------------------------
 
@@ -766,6 +802,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         }
         probe = self._recorder.measure(step, step / max_steps, kind, info=info)
         self.signature.probes.append(probe)
+        labels = self._labels.summary() if self._labels is not None else None
+        if labels is not None:
+            self.signature.metadata["labels"] = labels
         self.signature.metadata["updated"] = utc_now()
         summary = self._summary(probe)
         if self._write:

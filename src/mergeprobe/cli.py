@@ -66,7 +66,7 @@ def _fit(args: argparse.Namespace) -> int:
         model=args.model,
         group_key=args.group_key or None,
         out=out,
-        fallback_features=tuple(args.fallback_features) if args.fallback_features else None,
+        fallback_features=tuple(map(tuple, args.fallback_features or ())) or None,
         power=args.power,
     )
     print(f"fitted {len(predictors)} predictor(s) from {pairs} -> {out}")
@@ -453,9 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--fallback-features",
         nargs="+",
+        action="append",
         metavar="NAME",
         help="signals of a second model for pairs that miss any of --features (e.g. head "
-        "signals, which models without a linear task head lack)",
+        "signals, which models without a linear task head lack); repeat it for a chain, "
+        "tried in order",
     )
     fit.add_argument(
         "--power",

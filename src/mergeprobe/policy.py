@@ -17,7 +17,7 @@ import numpy as np
 
 from ._util import RESERVED_NAMES
 from .exceptions import InvalidParameterError, MergeprobeError
-from .predictor import METHODS, set_retention
+from .predictor import METHODS, _signals_read, set_retention
 
 __all__ = [
     "PLAN_SCHEMA",
@@ -456,12 +456,7 @@ def _partner_probe(own_fraction: float | None, other, at_end: bool = False) -> t
 def _needed_signals(predictors: Iterable[Any]) -> set[str]:
     """The signals the predictors read (their fallbacks' too), and the drift cosine that
     decides pruning."""
-    return {"drift_cosine"}.union(
-        *(
-            (*getattr(p, "features", ()), *(getattr(p, "fallback_features", None) or ()))
-            for p in predictors
-        )
-    )
+    return {"drift_cosine"}.union(*(_signals_read(p) for p in predictors))
 
 
 def predict_pairs(
@@ -745,7 +740,7 @@ def _retention_matrices(signatures, predictors, others, methods, cells, signals,
         values, lo, hi = (np.full((n, n), -np.inf) for _ in range(3))
         choices = [(extra[method], mask) for extra, mask in others if method in extra]
         for chosen, (r, c) in _cells_by_predictor([*choices, (predictor, None)], rows, cols):
-            read = [*chosen.features, *(getattr(chosen, "fallback_features", None) or ())]
+            read = _signals_read(chosen)
             X = {f: matrices[f][r, c] for f in read}  # one column per signal
             values[r, c] = chosen.predict(X)
             interval = chosen.predict_interval(X)  # per row: a fallback has its own

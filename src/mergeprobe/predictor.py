@@ -63,6 +63,7 @@ _LOG_FEATURES = {
     "head_kl",
     "head_logit_shift",
     "head_interference",
+    "head_interference_room",  # head_interference x the run's label room (label_room_self)
     "rehearsal_kl",  # mergeprobe.rehearsal_kl, finished adapters: not a signature signal
 }
 _MODELS = ("ridge", "boosting", "damage")
@@ -157,10 +158,11 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         unlike those seen in training only as far as the folds are.
     random_state : int
         Seeds the boosting model and the fold assignment.
-    fallback_features : sequence of str, optional
+    fallback_features : sequence of str, or sequence of such sequences, optional
         A second model of the same kind on these signals predicts the rows that miss any of
         ``features`` (e.g. head signals of a causal LM, which has no classification head, or
-        of signatures recorded before mergeprobe kept them), instead of imputing them.
+        of signatures recorded before mergeprobe kept them), instead of imputing them. Several
+        sets form a chain, tried in order: each predicts the rows its predecessors miss.
     power : float or "auto"
         Damage model only: ``1 - R = Σ c_k s_k ** power``. Below 1 the response bends, so the
         many pairs with small signals still cost some damage instead of almost none, which is
@@ -198,11 +200,8 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
             raise InvalidParameterError(f"model must be one of {_MODELS}; got {self.model!r}")
         if not 0 < float(self.coverage) < 1:
             raise InvalidParameterError(f"coverage must lie in (0, 1); got {self.coverage!r}")
-        fallback = self.fallback_features
-        if fallback is not None and (isinstance(fallback, str) or not len(fallback)):
-            raise InvalidParameterError(
-                f"fallback_features must be None or a non-empty sequence of names; got {fallback!r}"
-            )
+        chain = self._fallback_chain()
+        fallback = [name for names in chain for name in names]
         if self.power != "auto" and not (
             isinstance(self.power, (int, float)) and 0 < float(self.power) <= 4
         ):
@@ -215,13 +214,35 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
                 f"model={self.model!r}"
             )
         if self.model == "damage":
-            signed = [f for f in (*self.features, *(fallback or ())) if f not in _DAMAGE_FEATURES]
+            signed = [f for f in (*self.features, *fallback) if f not in _DAMAGE_FEATURES]
             if signed:
                 raise InvalidParameterError(
                     f"the damage model takes non-negative scale signals "
                     f"({', '.join(sorted(_DAMAGE_FEATURES))}); got {signed} "
                     "(pass model='ridge' or 'boosting' for signed ones such as cosines)"
                 )
+
+    def _fallback_chain(self) -> list[tuple[str, ...]]:
+        """``fallback_features`` as a list of feature sets, in the order they are tried."""
+        fallback = self.fallback_features
+        if fallback is None:
+            return []
+        message = (
+            "fallback_features must be None, a non-empty sequence of names or a non-empty "
+            f"sequence of such sequences; got {fallback!r}"
+        )
+        if isinstance(fallback, str) or not len(fallback):
+            raise InvalidParameterError(message)
+        if all(isinstance(name, str) for name in fallback):
+            return [tuple(fallback)]
+        chain = []
+        for names in fallback:
+            if isinstance(names, str) or not len(names):
+                raise InvalidParameterError(message)
+            if not all(isinstance(name, str) for name in names):
+                raise InvalidParameterError(message)
+            chain.append(tuple(names))
+        return chain
 
     def _make_estimator(self):
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -334,11 +355,13 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         self.n_train_ = int(matrix.shape[0])
         self.fallback_ = None
         if self.fallback_features is not None:
+            first, *rest = self._fallback_chain()
             self.fallback_ = RetentionPredictor(
-                features=tuple(self.fallback_features),
+                features=first,
                 model=self.model,
                 coverage=self.coverage,
                 random_state=self.random_state,
+                fallback_features=tuple(rest) or None,
                 power=self.power,
             ).fit(X, full_target, groups=full_groups)
         return self
@@ -397,9 +420,19 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
         point, fallback = self._point_and_fallback(X)
         low, high = (np.full(point.shape, q) for q in self.residual_quantiles_)
-        if fallback.any():
-            low[fallback], high[fallback] = self.fallback_.residual_quantiles_
-        return np.stack([point + low, point + high], axis=1)
+        interval = np.stack([point + low, point + high], axis=1)
+        if fallback.any():  # the fallback's own interval (its own fallback's, down a chain)
+            interval[fallback] = self.fallback_.predict_interval(X)[fallback]
+        return interval
+
+
+def _signals_read(predictor: Any) -> tuple[str, ...]:
+    """The signals a predictor reads: its features and those of its fallbacks, in order
+    (any object with a ``features`` attribute, and optionally ``fallback_features``)."""
+    fallback = getattr(predictor, "fallback_features", None) or ()
+    if fallback and not all(isinstance(name, str) for name in fallback):
+        fallback = [name for names in fallback for name in names]
+    return tuple(dict.fromkeys([*getattr(predictor, "features", ()), *fallback]))
 
 
 def set_retention(pairwise: Sequence[float]) -> float:

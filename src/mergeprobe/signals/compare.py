@@ -14,6 +14,7 @@ import torch
 
 from ..exceptions import IncompatibleSignatureError
 from ..signature import Probe, Signature, check_compatible
+from .labels import label_room
 
 NAN = float("nan")
 
@@ -205,6 +206,7 @@ EXPENSIVE = frozenset(
         "interference_ratio",
         "interference_ratio_last",
         "head_interference",
+        "head_interference_room",
     }
 )
 
@@ -238,6 +240,7 @@ def pairwise_signals(
         "fraction_other": pb.fraction if pb.fraction is not None else NAN,
         "shared_layers": float(len(names)),
         "layer_coverage": len(names) / max(len(a.layers), 1),
+        "label_room_self": label_room(a),
     }
     ta, tb = pa.tensors, pb.tensors
     ia, ib = torch.tensor(rows_a, dtype=torch.long), torch.tensor(rows_b, dtype=torch.long)
@@ -308,7 +311,11 @@ def pairwise_signals(
         )
         if wanted("interference_ratio"):
             out["interference_ratio"] = _interference(da, db)
-        if wanted("interference_ratio_last") or wanted("head_interference"):
+        if (
+            wanted("interference_ratio_last")
+            or wanted("head_interference")
+            or wanted("head_interference_room")
+        ):
             # The last hidden layer is what a task head reads.
             out["interference_ratio_last"] = _interference(da[-1:], db[-1:])
     else:
@@ -327,12 +334,15 @@ def pairwise_signals(
         out.update(_head_signals(ta, tb))
     else:
         out.update(dict.fromkeys(HEAD_SIGNALS, NAN))
-    if wanted("head_interference"):
+    if wanted("head_interference") or wanted("head_interference_room"):
         # Geometric mean of how much of the partner's drift lands in own's drift region (last
         # hidden layer) and how much it moves own's predictions: both must be large to hurt.
         ratio, kl = out.get("interference_ratio_last", NAN), out["head_kl"]
         ok = ratio >= 0 and kl > -1e-12  # a KL of -1e-17 is rounding, not a signal
         out["head_interference"] = math.sqrt(ratio * max(kl, 0.0)) if ok else NAN
+    if wanted("head_interference_room"):
+        # NaN times anything stays NaN: no label room, no value (never a zero).
+        out["head_interference_room"] = out["head_interference"] * out["label_room_self"]
     return out
 
 
@@ -356,6 +366,8 @@ MATRIX_SIGNALS = frozenset(
         "head_kl",
         "head_logit_shift",
         "head_interference",
+        "label_room_self",
+        "head_interference_room",
     }
 )
 
@@ -510,7 +522,8 @@ def pairwise_signal_matrices(
     out["cka_self"] = torch.where(dshared > 0, cka_sum / dshared.clamp_min(1), nan)
     out["cka_other"] = out["cka_self"].T.clone()
     interference = {"interference_ratio", "interference_ratio_last"} & set(names)
-    if "head_interference" in names:
+    head = {"head_interference", "head_interference_room"} & set(names)
+    if head:
         interference.add("interference_ratio_last")
     if shapes and (interference or "drift_cosine" in names):
         # One hidden layer (and sketch shape: other shapes are other anchor sets, never
@@ -563,12 +576,16 @@ def pairwise_signal_matrices(
     for name in ("drift_cosine", "interference_ratio", "interference_ratio_last"):
         out.setdefault(name, nan.clone())
 
-    if {*HEAD_SIGNALS, "head_interference"} & set(names):
+    if {*HEAD_SIGNALS} & set(names) or head:
         out.update(_head_matrices(probes))
-        if "head_interference" in names:
+        if head:
             ratio, kl = out["interference_ratio_last"], out["head_kl"]
             ok = (ratio >= 0) & (kl > -1e-12)
             out["head_interference"] = torch.where(ok, (ratio * kl.clamp_min(0)).sqrt(), nan)
+    room = torch.tensor([label_room(s) for s in signatures], dtype=torch.float64)
+    out["label_room_self"] = room[:, None].expand(n, n).clone()
+    if "head_interference_room" in names:
+        out["head_interference_room"] = out["head_interference"] * out["label_room_self"]
 
     # incompatible pairs and the diagonal are not comparisons
     invalid = ~compatibility_matrix(signatures) | torch.eye(n, dtype=torch.bool)

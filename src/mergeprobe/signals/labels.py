@@ -1,0 +1,109 @@
+"""The run's label distribution: how much accuracy a merge could take away.
+
+A merged model that loses the task falls at worst to the majority label's rate, so the room
+above it bounds what a merge can cost (``label_room``, ``head_interference_room``). The
+callback counts the labels of the training batches it sees before its horizon; nothing
+else about the data is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..signature import Signature
+
+NAN = float("nan")
+
+
+class LabelCounter:
+    """Counts class labels of training batches through a forward pre-hook on the model.
+
+    Only single-label classification batches count: a one-dimensional integer ``labels``
+    keyword argument (``-100`` entries, ignored by the loss, are skipped). Token labels of
+    language models, regression targets and batches without labels leave it empty. Batches
+    in eval mode do not count. Labels stay on their device until ``summary``: counting costs
+    the training loop no synchronisation.
+
+    Args:
+        counts: label -> count to start from (a resumed run's earlier batches).
+        on_error: called with the exception when the hook fails; the counter then goes
+            quiet instead of raising into the user's forward pass.
+    """
+
+    def __init__(
+        self,
+        counts: Mapping[int, int] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.counts = {int(k): int(v) for k, v in (counts or {}).items()}
+        self.on_error = on_error
+        self._pending: list[torch.Tensor] = []
+        self._handle = None
+        self.failed = False
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def attach(self, model: nn.Module) -> None:
+        if self._handle is None and not self.failed:
+            self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            labels = kwargs.get("labels")
+            if (
+                not module.training
+                or not isinstance(labels, torch.Tensor)
+                or labels.dim() != 1
+                or labels.is_floating_point()
+                or labels.is_complex()
+                or labels.dtype == torch.bool
+            ):
+                return
+            self._pending.append(labels.detach().clone())
+        except Exception as exc:  # never break the user's forward pass
+            self.failed = True
+            self.detach()
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    def summary(self) -> dict[str, Any] | None:
+        """``counts`` (label -> count), ``seen`` and ``majority_fraction``; ``None`` before
+        any labelled batch."""
+        if self._pending:
+            values = torch.cat([t.to("cpu", torch.long) for t in self._pending])
+            self._pending = []
+            labels, counts = torch.unique(values[values >= 0], return_counts=True)
+            for label, count in zip(labels.tolist(), counts.tolist(), strict=True):
+                self.counts[label] = self.counts.get(label, 0) + count
+        seen = sum(self.counts.values())
+        if not seen:
+            return None
+        return {
+            "counts": {str(k): v for k, v in sorted(self.counts.items())},
+            "seen": seen,
+            "majority_fraction": max(self.counts.values()) / seen,
+        }
+
+
+def label_room(signature: Signature) -> float:
+    """``1 −`` the share of the run's most frequent training label (its ``labels`` metadata,
+    recorded by the callback for single-label classification); NaN when unknown.
+
+    Accuracy a merge takes away falls at worst to the majority label's rate, so a task with
+    little room above it has little to lose (``benchmarks/results/predictor_eval.md``)."""
+    labels = signature.metadata.get("labels") or {}
+    share = labels.get("majority_fraction")
+    if not isinstance(share, int | float) or not 0 < share <= 1:
+        return NAN
+    return 1.0 - float(share)
