@@ -611,7 +611,7 @@ def main(argv=None) -> int:
         lines += [
             "The label room (1 − the own task's majority-label share; the callback counts the "
             "labels of the batches it sees before its horizon, here read from each task's "
-            "meta.json) scaling the head interference, against the head interference alone "
+            "train.jsonl) scaling the head interference, against the head interference alone "
             "(the fallback for pairs without it), Spearman: " + "; ".join(gains) + " (paired "
             "bootstrap, 95 %).",
             "",

@@ -215,6 +215,23 @@ def test_the_run_counts_its_training_labels_up_to_the_horizon(tmp_path):
     assert signals["head_interference_room"] == pytest.approx(room * signals["head_interference"])
 
 
+def test_labels_stop_counting_at_the_decision_even_before_the_horizon_ends(tmp_path):
+    # the one probe (and the decision) at step 2 of a 5-step horizon: 2 batches of 8 count
+    store = SignatureStore(tmp_path / "store")
+    callback = MergeProbeCallback(
+        store,
+        run_name="early",
+        horizon=0.25,
+        probe_fractions=(0.1,),
+        anchor_inputs=_anchors(),
+        strict=True,
+    )
+    _train(tmp_path, "early", callback, max_steps=20)
+    signature = store.load("early")
+    assert [p.step for p in signature.probes] == [2, 20]
+    assert signature.metadata["labels"]["seen"] == 16
+
+
 def test_failing_probe_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
     def broken(self):
         raise RuntimeError("probe exploded")

@@ -301,6 +301,9 @@ def test_the_label_room_scales_the_head_interference_and_stays_missing_without_l
     # c recorded no labels: its room and the scaled signal are missing, never zero
     assert math.isfinite(ca["head_interference"])
     assert math.isnan(ca["label_room_self"]) and math.isnan(ca["head_interference_room"])
+    # one class seen is no balance at all: missing, not a room of 0
+    c.metadata["labels"] = {"counts": {"1": 8}, "seen": 8, "majority_fraction": 1.0}
+    assert math.isnan(pairwise_signals(c, a)["label_room_self"])
     matrices = pairwise_signal_matrices([a, b, c])
     for i, j, expected in ((0, 1, ab), (1, 0, ba), (0, 2, ac), (2, 0, ca)):
         for name in ("label_room_self", "head_interference_room"):

@@ -504,6 +504,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
     @_guarded
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._active = False
+        self._detach()  # hooks a previous train() left behind when it raised
         self._reset()
         # Every rank reaches one verdict before each collective part: a rank that switched
         # itself off while the others gather shards (FSDP2, ZeRO-3) or all-reduce gradient
@@ -574,7 +575,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         )
         # The class balance of what the run trains on, up to its horizon (label_room).
         self._labels = LabelCounter(saved_labels, on_error=self._label_hook_failed)
-        if state.global_step < self.horizon_steps:
+        if state.global_step < max(self.probe_steps):
             self._labels.attach(model)
         # handed to the collective part of the setup
         self._pending = (name, saved_totals, saved_steps)
@@ -680,12 +681,18 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 previous.name,
             )
         self.run_id = meta.get("run_id")
+        # Label counts: the checkpoint's cover exactly the steps before it. Without them the
+        # stored ones are right only when counting had ended (the run resumes after its
+        # decision); before that they may hold steps after the checkpoint, so counting
+        # restarts at the resume.
         labels = meta.get("labels") or {}
-        if isinstance(labels.get("counts"), dict):
-            current["labels"] = labels
-            # the checkpoint's counts, when it has them, cover the steps after the last probe
-            if self._labels is not None and not self._labels.counts:
-                self._labels.counts = {int(k): int(v) for k, v in labels["counts"].items()}
+        if (
+            isinstance(labels.get("counts"), dict)
+            and self._labels is not None
+            and not self._labels.counts
+            and step >= max(self.probe_steps)
+        ):
+            self._labels.counts = {int(k): int(v) for k, v in labels["counts"].items()}
         if meta.get("covariates"):
             current["covariates"] = meta["covariates"]
             self._first_loss = (
@@ -762,8 +769,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         ):
             self._probe(state, "probe", control)
             if state.global_step == max(self.probe_steps):
-                self._labels.detach()
                 self._decide(state, control)
+        if state.global_step >= max(self.probe_steps):  # labels count up to the decision
+            self._labels.detach()
 
     @_guarded
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -81,7 +81,7 @@ class LabelCounter:
         """``counts`` (label -> count), ``seen`` and ``majority_fraction``; ``None`` before
         any labelled batch."""
         if self._pending:
-            values = torch.cat([t.to("cpu", torch.long) for t in self._pending])
+            values = torch.cat(self._pending).to("cpu", torch.long)  # one copy off the device
             self._pending = []
             labels, counts = torch.unique(values[values >= 0], return_counts=True)
             for label, count in zip(labels.tolist(), counts.tolist(), strict=True):
@@ -98,12 +98,15 @@ class LabelCounter:
 
 def label_room(signature: Signature) -> float:
     """``1 −`` the share of the run's most frequent training label (its ``labels`` metadata,
-    recorded by the callback for single-label classification); NaN when unknown.
+    recorded by the callback for single-label classification); NaN when unknown or when only
+    one class was seen.
 
     Accuracy a merge takes away falls at worst to the majority label's rate, so a task with
     little room above it has little to lose (``benchmarks/results/predictor_eval.md``)."""
     labels = signature.metadata.get("labels") or {}
     share = labels.get("majority_fraction")
-    if not isinstance(share, int | float) or not 0 < share <= 1:
+    if not isinstance(share, int | float) or not 0 < share < 1:
+        # One class seen (label-sorted data, a horizon of a few batches) says nothing about
+        # the task's balance: a room of 0 would predict that every merge is harmless.
         return NAN
     return 1.0 - float(share)
