@@ -383,11 +383,13 @@ def main(argv=None) -> int:
     # Pairs without a label room (finished adapters added from disk, token labels) fall back
     # to the head interference alone; pairs without head signals (causal LMs, older
     # signatures) to a model without them.
-    fallback = []
+    # name -> what its model goes without
+    fallback_sets = {}
     if "head_interference_room" in features:
-        fallback.append(feature_sets["head interference"])
+        fallback_sets["head interference"] = "label room"
     if any(f.startswith("head_") for f in features):
-        fallback.append(feature_sets[FALLBACK_SET])
+        fallback_sets[FALLBACK_SET] = "head signals"
+    fallback = [feature_sets[name] for name in fallback_sets]
     chosen_power = set_powers[(chosen_set, chosen_model)]
     out["chosen_features"] = {
         "set": chosen_set,
@@ -416,15 +418,14 @@ def main(argv=None) -> int:
     # The models that predict pairs without the chosen signals, at every fraction.
     out["fallback_results"] = {}
     fallback_predictions = {}
-    for backup in fallback:
-        name = next(k for k, v in feature_sets.items() if v == backup)
+    for name, without in fallback_sets.items():
+        backup = feature_sets[name]
         for prefix in PREFIXES:
             if c := cols(prefix, backup):
                 pred = loto(frame, c, y, chosen_model, power=power_of(prefix, backup, chosen_model))
                 m, ci = metrics(pred, y), bootstrap(pred, y)
                 out["fallback_results"][f"{name}/{prefix}"] = {**m, "ci": ci}
                 fallback_predictions[(name, prefix)] = pred
-                without = "head signals" if name == FALLBACK_SET else "label room"
                 label = f"{chosen_model}, fallback without {without} ({name})"
                 lines.append(f"| {label} | {prefix} | {fmt(m, ci)} |")
     m5, _, pred5 = results[(chosen_model, "p05")]

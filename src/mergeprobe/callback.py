@@ -108,6 +108,11 @@ def _find_trainer():
 
 
 CHECKPOINT_FILE = "mergeprobe_state.safetensors"
+# What a failed hook costs the run's signature, by hook.
+HOOK_LOSSES = {
+    "gradient": "gradient signals are off",
+    "label": "the label room is unknown",
+}
 # update_input_subspace_excess above which a partner counts as sharing this run's LoRA
 # initialisation: 0.28 to 0.49 between same-seed runs of the benchmark at 5 %, at most 0.012
 # across seeds (benchmarks/results/input_subspace_eval.md).
@@ -460,23 +465,16 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
                 self.probe_steps,
             )
 
-    def _hook_failed(self, exc: BaseException) -> None:
-        self.failures.append(f"gradient hook: {exc!r}")
+    def _hook_failed(self, exc: BaseException, what: str = "gradient") -> None:
+        """A hook inside the user's forward or backward failed: its family goes quiet."""
+        self.failures.append(f"{what} hook: {exc!r}")
         if self.strict:
             raise exc
         logger.warning(
-            "mergeprobe: gradient capture failed (%r); gradient signals are off, training goes on.",
+            "mergeprobe: the %s hook failed (%r); %s, training goes on.",
+            what,
             exc,
-        )
-
-    def _label_hook_failed(self, exc: BaseException) -> None:
-        self.failures.append(f"label hook: {exc!r}")
-        if self.strict:
-            raise exc
-        logger.warning(
-            "mergeprobe: counting the training labels failed (%r); the label room is unknown, "
-            "training goes on.",
-            exc,
+            HOOK_LOSSES[what],
         )
 
     def _detach(self) -> None:
@@ -574,7 +572,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             strict=self.strict,
         )
         # The class balance of what the run trains on, up to its horizon (label_room).
-        self._labels = LabelCounter(saved_labels, on_error=self._label_hook_failed)
+        self._labels = LabelCounter(
+            saved_labels, on_error=functools.partial(self._hook_failed, what="label")
+        )
         if state.global_step < max(self.probe_steps):
             self._labels.attach(model)
         # handed to the collective part of the setup

@@ -200,8 +200,7 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
             raise InvalidParameterError(f"model must be one of {_MODELS}; got {self.model!r}")
         if not 0 < float(self.coverage) < 1:
             raise InvalidParameterError(f"coverage must lie in (0, 1); got {self.coverage!r}")
-        chain = self._fallback_chain()
-        fallback = [name for names in chain for name in names]
+        fallback = [name for names in _fallback_chain(self.fallback_features) for name in names]
         if self.power != "auto" and not (
             isinstance(self.power, (int, float)) and 0 < float(self.power) <= 4
         ):
@@ -221,28 +220,6 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
                     f"({', '.join(sorted(_DAMAGE_FEATURES))}); got {signed} "
                     "(pass model='ridge' or 'boosting' for signed ones such as cosines)"
                 )
-
-    def _fallback_chain(self) -> list[tuple[str, ...]]:
-        """``fallback_features`` as a list of feature sets, in the order they are tried."""
-        fallback = self.fallback_features
-        if fallback is None:
-            return []
-        message = (
-            "fallback_features must be None, a non-empty sequence of names or a non-empty "
-            f"sequence of such sequences; got {fallback!r}"
-        )
-        if isinstance(fallback, str) or not len(fallback):
-            raise InvalidParameterError(message)
-        if all(isinstance(name, str) for name in fallback):
-            return [tuple(fallback)]
-        chain = []
-        for names in fallback:
-            if isinstance(names, str) or not len(names):
-                raise InvalidParameterError(message)
-            if not all(isinstance(name, str) for name in names):
-                raise InvalidParameterError(message)
-            chain.append(tuple(names))
-        return chain
 
     def _make_estimator(self):
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -355,7 +332,7 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         self.n_train_ = int(matrix.shape[0])
         self.fallback_ = None
         if self.fallback_features is not None:
-            first, *rest = self._fallback_chain()
+            first, *rest = _fallback_chain(self.fallback_features)
             self.fallback_ = RetentionPredictor(
                 features=first,
                 model=self.model,
@@ -400,39 +377,55 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         the logarithm makes it NaN)."""
         return ~np.isfinite(_feature_matrix(X, self.features, log=False)).all(axis=1)
 
-    def _point_and_fallback(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions and the mask of rows the fallback model made (missing a feature)."""
+    def _point_and_interval(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions and their ``(n, 2)`` intervals; rows missing a feature are the
+        fallback's, with its interval (down a chain, each model's own)."""
         self._check_fitted()
         matrix = self._bend(self._matrix(X)[:, self.active_features_])
         point = self._untarget(self.estimator_.predict(matrix))
-        if getattr(self, "fallback_", None) is None:
-            return point, np.zeros(point.shape, dtype=bool)
-        fallback = self._missing(X)
-        if fallback.any():
-            point[fallback] = self.fallback_.predict(X)[fallback]
-        return point, fallback
+        interval = point[:, None] + np.asarray(self.residual_quantiles_)
+        if getattr(self, "fallback_", None) is not None:
+            missing = self._missing(X)
+            if missing.any():
+                back_point, back_interval = self.fallback_._point_and_interval(X)
+                point[missing], interval[missing] = back_point[missing], back_interval[missing]
+        return point, interval
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted retention for each row of ``X``."""
-        return self._point_and_fallback(X)[0]
+        return self._point_and_interval(X)[0]
 
     def predict_interval(self, X: Any) -> np.ndarray:
         """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
-        point, fallback = self._point_and_fallback(X)
-        low, high = (np.full(point.shape, q) for q in self.residual_quantiles_)
-        interval = np.stack([point + low, point + high], axis=1)
-        if fallback.any():  # the fallback's own interval (its own fallback's, down a chain)
-            interval[fallback] = self.fallback_.predict_interval(X)[fallback]
-        return interval
+        return self._point_and_interval(X)[1]
+
+
+def _fallback_chain(fallback: Any) -> list[tuple[str, ...]]:
+    """``fallback_features`` as a list of feature sets, in the order they are tried: a
+    sequence of names is one set, a sequence of such sequences a chain."""
+    if fallback is None:
+        return []
+    chain = [fallback] if all(isinstance(name, str) for name in fallback) else list(fallback)
+    if (
+        isinstance(fallback, str)
+        or not chain
+        or not all(
+            not isinstance(names, str) and len(names) and all(isinstance(n, str) for n in names)
+            for names in chain
+        )
+    ):
+        raise InvalidParameterError(
+            "fallback_features must be None, a non-empty sequence of names or a non-empty "
+            f"sequence of such sequences; got {fallback!r}"
+        )
+    return [tuple(names) for names in chain]
 
 
 def _signals_read(predictor: Any) -> tuple[str, ...]:
     """The signals a predictor reads: its features and those of its fallbacks, in order
     (any object with a ``features`` attribute, and optionally ``fallback_features``)."""
-    fallback = getattr(predictor, "fallback_features", None) or ()
-    if fallback and not all(isinstance(name, str) for name in fallback):
-        fallback = [name for names in fallback for name in names]
-    return tuple(dict.fromkeys([*getattr(predictor, "features", ()), *fallback]))
+    chain = _fallback_chain(getattr(predictor, "fallback_features", None))
+    return tuple(dict.fromkeys([*getattr(predictor, "features", ()), *sum(chain, ())]))
 
 
 def set_retention(pairwise: Sequence[float]) -> float:
