@@ -10,8 +10,9 @@ gradient signals) are that many times larger than in one process.
 Usage: ``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR STORE JOB [JOB ...]`` where a
 job is ``NAME`` (plain run) or ``NAME:stop`` (on_incompatible="stop" with tau 1.5, so the
 decision is "route" and the run must stop at the horizon on every rank; it trains on other
-data than a plain job, so that it is not pruned as redundant instead), or ``NAME:zero2`` /
-``NAME:zero3`` (a plain job under DeepSpeed ZeRO stage 2 / 3 on its CPU accelerator).
+data than a plain job, so that it is not pruned as redundant instead), ``NAME:zero2`` /
+``NAME:zero3`` (a plain job under DeepSpeed ZeRO stage 2 / 3 on its CPU accelerator), or
+``NAME:labels`` (a tiny Llama sequence classifier on ``LABELS``: each rank counts its share).
 """
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script by torchrun
-from tiny_lm import cpu_run, lm_rows, tiny_llama_lm  # noqa: E402
+from tiny_lm import cpu_run, lm_rows, tiny_llama_config, tiny_llama_lm  # noqa: E402
 
 ROWS = 8
 MAX_STEPS = 20
 HORIZON = 0.25  # 5 steps: probes at 1, 2 and 5
 
 
-def rows(seed: int = 0):
-    return lm_rows(n=ROWS, seq=10, vocab=100, seed=seed)
+LABELS = [0, 2, 0, 1, 0, 0, 2, 0]  # per step (the whole set): 5 x 0, 1 x 1, 2 x 2
+
+
+def rows(seed: int = 0, labelled: bool = False):
+    data = lm_rows(n=ROWS, seq=10, vocab=100, seed=seed)
+    if labelled:  # one class per row instead of the tokens
+        for row, label in zip(data.rows, LABELS, strict=True):
+            row["labels"] = label
+    return data
 
 
 def anchors(n: int = 6, seq: int = 8, vocab: int = 100) -> dict[str, torch.Tensor]:
@@ -44,17 +52,23 @@ def anchors(n: int = 6, seq: int = 8, vocab: int = 100) -> dict[str, torch.Tenso
     }
 
 
-def tiny_llama():
+def tiny_llama(classifier: bool = False):
     from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification
 
     lora = LoraConfig(
         r=4,
         lora_alpha=8,
         target_modules=["q_proj", "v_proj", "down_proj"],
         lora_dropout=0.0,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
     )
-    return get_peft_model(tiny_llama_lm(100), lora)
+    if classifier:
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(tiny_llama_config(100, num_labels=3))
+    else:
+        model = tiny_llama_lm(100)
+    return get_peft_model(model, lora)
 
 
 def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
@@ -97,10 +111,11 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
             **extra,
         )
     )
+    labelled = mode == "labels"
     trainer = Trainer(
-        model=tiny_llama(),
+        model=tiny_llama(classifier=labelled),
         args=args,
-        train_dataset=rows(seed=1 if stop else 0),
+        train_dataset=rows(seed=1 if stop else 0, labelled=labelled),
         callbacks=[callback],
     )
     trainer.train()

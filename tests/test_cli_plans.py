@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from mergeprobe import SignatureStore
+from mergeprobe import SignatureStore, pairwise_signals
 from mergeprobe.cli import main
 from mergeprobe.merge import load_served_model, read_adapter
 
@@ -126,6 +127,38 @@ def test_add_refuses_to_overwrite_without_replace(tmp_path, adapters, capsys):
     store = tmp_path / "store"
     assert main(["add", str(adapters["alpha"]), "--store", str(store)]) == 0
     assert "--replace" in _error(capsys, ["add", str(adapters["alpha"]), "--store", str(store)])
+
+
+def test_add_takes_the_training_labels_of_each_adapter(tmp_path, adapters, capsys):
+    store = tmp_path / "store"
+    rows = tmp_path / "alpha-train.jsonl"
+    rows.write_text("".join(json.dumps({"text": "t", "y": y}) + "\n" for y in [0, 2, 2, 2, 1]))
+    command = ["add", *map(str, adapters.values()), "--store", str(store)]
+    assert main([*command, "--labels", f"alpha={rows}", "--label-field", "y"]) == 0
+    alpha, beta = (SignatureStore(store).load(n) for n in ("alpha", "beta"))
+    assert alpha.metadata["labels"] == {
+        "counts": {"0": 1, "1": 1, "2": 3},
+        "seen": 5,
+        "majority_fraction": 0.6,
+    }
+    assert "labels" not in beta.metadata
+    # alpha's room as a run's (test_compare: it scales the head interference); beta's missing
+    assert pairwise_signals(alpha, beta)["label_room_self"] == pytest.approx(0.4)
+    assert math.isnan(pairwise_signals(beta, alpha)["label_room_self"])
+
+    # one adapter: a bare path; errors name the row and write nothing
+    one = ["add", str(adapters["alpha"]), "--store", str(tmp_path / "one")]
+    assert main([*one, "--labels", str(rows), "--label-field", "y"]) == 0
+    assert SignatureStore(tmp_path / "one").metadata("alpha")["labels"]["seen"] == 5
+    capsys.readouterr()
+    fresh = ["add", str(adapters["alpha"]), "--store", str(tmp_path / "fresh")]
+    assert "alpha-train.jsonl:1 has no 'label' field" in _error(
+        capsys, [*fresh, "--labels", str(rows)]
+    )
+    assert "not an adapter being added" in _error(capsys, [*fresh, "--labels", f"gamma={rows}"])
+    rows.write_text('{"label": 0.5}\n')
+    assert "integers or strings" in _error(capsys, [*fresh, "--labels", str(rows)])
+    assert not (tmp_path / "fresh").exists() or not SignatureStore(tmp_path / "fresh").names()
 
 
 def test_plan_errors(tmp_path, adapters, capsys):

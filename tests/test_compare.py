@@ -335,3 +335,27 @@ def test_the_label_counter_counts_training_class_labels_only():
     model(input_ids=torch.ones(1), labels=torch.tensor([0]))
     assert counter.summary()["seen"] == 5 and not counter.attached
     assert LabelCounter().summary() is None
+
+
+def test_given_training_labels_are_counted_as_the_callback_counts_them():
+    from mergeprobe.exceptions import InvalidParameterError
+    from mergeprobe.signals.labels import count_labels, label_summary
+
+    # class names or ids, a tensor of ids, or counts: the same metadata as a run's
+    names = label_summary(count_labels(["pos", "neg", "pos", "pos"]))
+    assert names == {"counts": {"neg": 1, "pos": 3}, "seen": 4, "majority_fraction": 0.75}
+    ids = label_summary(count_labels(torch.tensor([2, 0, 2, 10])))
+    assert ids["counts"] == {"0": 1, "2": 2, "10": 1}  # ids in numeric order
+    assert ids["majority_fraction"] == 0.5
+    assert label_summary(count_labels({"a": 3, "b": 0, "c": 1}))["counts"] == {"a": 3, "c": 1}
+    for bad, message in (
+        ([0.5, 1.5], "integers or strings"),
+        ([[0, 1]], "integers or strings"),
+        ([True, False], "integers or strings"),
+        ("pos", "not a string"),
+        ([], "no labels"),
+        ({"a": -1}, "non-negative"),
+        ({"a": 0}, "no labels"),
+    ):
+        with pytest.raises(InvalidParameterError, match=message):
+            count_labels(bad)

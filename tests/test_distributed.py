@@ -90,12 +90,27 @@ def test_ddp_matches_one_process_and_stops_every_rank_together(tmp_path):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
 def test_accelerate_launch_matches_one_process(tmp_path):
     """The same DDP run started with ``accelerate launch --multi_gpu --num_processes 2`` on a
-    machine without GPUs: two gloo processes, one writer, the one-process signature."""
+    machine without GPUs: two gloo processes, one writer, the one-process signature; a
+    classifier's label counts are summed over the ranks' shares of each batch."""
     (tmp_path / "single").mkdir()
     (tmp_path / "acc").mkdir()
     ddp_worker.train(tmp_path / "single", tmp_path / "single-store", "ref", world_size=1)
-    _run(WORKER, tmp_path / "acc", tmp_path / "acc-store", "ref", accelerate=True)
-    ranks = [json.loads((tmp_path / "acc" / f"rank{r}.json").read_text())[0] for r in (0, 1)]
+    ddp_worker.train(tmp_path / "single", tmp_path / "single-store", "cls:labels", world_size=1)
+    _run(WORKER, tmp_path / "acc", tmp_path / "acc-store", "ref", "cls:labels", accelerate=True)
+    both = [json.loads((tmp_path / "acc" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(not job["failures"] for results in both for job in results)
+
+    # 5 steps up to the horizon, each the whole set of 8 rows: rank 0 alone saw half
+    one_labels = SignatureStore(tmp_path / "single-store").load("cls").metadata["labels"]
+    two_labels = SignatureStore(tmp_path / "acc-store").load("cls").metadata["labels"]
+    assert one_labels == two_labels
+    assert two_labels == {
+        "counts": {"0": 25, "1": 5, "2": 10},
+        "seen": 40,
+        "majority_fraction": 0.625,
+    }
+
+    ranks = [results[0] for results in both]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [ddp_worker.MAX_STEPS] * 2
     assert ranks[0]["decision"] == "merge" and ranks[1]["decision"] is None

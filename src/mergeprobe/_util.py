@@ -10,6 +10,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 
+def collective_device():
+    """The device a collective's tensors must live on: the current GPU under NCCL, else CPU."""
+    import torch
+
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def utc_now() -> str:
     """The current time, ISO 8601 UTC to the second (``2026-11-23T18:00:00Z``)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ._util import utc_now
+from ._util import collective_device, utc_now
 from .decision_log import DecisionLog
 from .exceptions import InvalidParameterError, MergeprobeError
 from .policy import (
@@ -148,10 +148,7 @@ def _all_ranks_ok(ok: bool, model=None) -> bool:
     if not _distributed():
         return ok
     dist = torch.distributed
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([1 if ok else 0], device=device)
+    flag = torch.tensor([1 if ok else 0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -372,7 +369,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._first_loss: tuple[int, float] | None = None
         self._write = False
         self._capture_gradients = bool(capture_gradients)
-        self._reduce_gradients = False
+        self._across_ranks = False
         self._pending: tuple = (None, {}, 0)
         self.notes: list[str] = []
 
@@ -528,7 +525,9 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._schedule(state.max_steps)
         self._write = bool(state.is_world_process_zero)
         self._capture_gradients = self.capture_gradients
-        self._reduce_gradients = _distributed()  # fixed for the run: not asked every step
+        # Fixed for the run, not asked every step: gradients and label counts are summed
+        # across ranks when True.
+        self._across_ranks = _distributed()
         if self.capture_gradients and _deepspeed_in_use(args):
             self._capture_gradients = False
             self.notes.append(DEEPSPEED_NOTE)
@@ -572,8 +571,10 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
             strict=self.strict,
         )
         # The class balance of what the run trains on, up to its horizon (label_room).
+        # Saved counts are sums over the ranks: the writer alone starts from them.
         self._labels = LabelCounter(
-            saved_labels, on_error=functools.partial(self._hook_failed, what="label")
+            saved_labels if self._write else None,
+            on_error=functools.partial(self._hook_failed, what="label"),
         )
         if state.global_step < max(self.probe_steps):
             self._labels.attach(model)
@@ -689,6 +690,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         if (
             isinstance(labels.get("counts"), dict)
             and self._labels is not None
+            and self._write  # stored counts are sums over the ranks
             and not self._labels.counts
             and step >= max(self.probe_steps)
         ):
@@ -728,6 +730,8 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         # What the JSON callback state that transformers restores cannot hold goes beside the
         # checkpoint: user-given anchor tensors (so a resumed run measures the same drift) and
         # the gradient running totals (so the horizon mean covers every step exactly).
+        # Every rank sums the label counts (a collective) before the others return.
+        labels = self._label_summary()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not self._write or not folder.is_dir():
             return
@@ -737,7 +741,6 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         tensors = {f"anchor.{k}": torch.as_tensor(v).contiguous() for k, v in anchors.items()}
         gradient = self._recorder.gradient
         tensors.update({f"grad.{k}": v.contiguous() for k, v in gradient.totals().items()})
-        labels = self._labels.summary() if self._labels is not None else None
         if tensors or labels:
             metadata = {"grad_steps": str(gradient.steps)}
             if labels:
@@ -758,7 +761,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         scaler = getattr(optimizer, "scaler", None)
         # fp16: hooks saw gradients of the scaled loss; divide the scale back out.
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        gradient.end_step(scale=scale, reduce_across_ranks=self._reduce_gradients)
+        gradient.end_step(scale=scale, reduce_across_ranks=self._across_ranks)
         if state.global_step + 1 >= self.horizon_steps:
             gradient.detach()
 
@@ -802,6 +805,12 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     # -- probing ---------------------------------------------------------------------------
 
+    def _label_summary(self) -> dict[str, Any] | None:
+        """The run's label counts, summed over data-parallel ranks (every rank calls this)."""
+        if self._labels is None:
+            return None
+        return self._labels.summary(across_ranks=self._across_ranks)
+
     def _probe(self, state, kind: str, control=None) -> None:
         step, max_steps = state.global_step, state.max_steps
         info = {
@@ -810,7 +819,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         }
         probe = self._recorder.measure(step, step / max_steps, kind, info=info)
         self.signature.probes.append(probe)
-        labels = self._labels.summary() if self._labels is not None else None
+        labels = self._label_summary()
         if labels is not None:
             self.signature.metadata["labels"] = labels
         self.signature.metadata["updated"] = utc_now()

@@ -103,6 +103,7 @@ def _add(args: argparse.Namespace) -> int:
         raise _CommandError(
             f"two adapters would get the same name: {names}; add them one by one with --name"
         )
+    labels = _labels_by_name(args.labels, names, args.label_field)
     store = SignatureStore(args.store)
     taken = [n for n in names if n in store]
     if taken and not args.replace:
@@ -113,7 +114,11 @@ def _add(args: argparse.Namespace) -> int:
     signatures = []
     for k, (path, name) in enumerate(zip(paths, names, strict=True), 1):
         print(f"[{k}/{len(paths)}] measuring {path} ...", flush=True)
-        signatures.append(signature_of_adapter(path, name=name, base_model=args.base))
+        signatures.append(
+            signature_of_adapter(
+                path, name=name, base_model=args.base, training_labels=labels.get(name)
+            )
+        )
     for signature in signatures:
         store.save(signature)
         meta = signature.metadata
@@ -124,6 +129,46 @@ def _add(args: argparse.Namespace) -> int:
         )
     print(f"{args.store}: {len(store)} signature(s)")
     return 0
+
+
+def _labels_by_name(items: Sequence[str] | None, names: list[str], field: str) -> dict:
+    """``add --labels [NAME=]PATH``: each named adapter's training labels, read before any
+    adapter is measured (a bare PATH is the one adapter's)."""
+    from .signals.labels import count_labels
+
+    if not items:
+        return {}
+    if len(items) == 1 and "=" not in items[0] and len(names) == 1:
+        paths = {names[0]: items[0]}
+    else:
+        paths = _name_paths(items, "--labels")
+    unknown = sorted(set(paths) - set(names))
+    if unknown:
+        raise _CommandError(
+            f"--labels names {', '.join(unknown)}, not an adapter being added ({', '.join(names)})"
+        )
+    return {name: count_labels(_read_labels(Path(path), field)) for name, path in paths.items()}
+
+
+def _read_labels(path: Path, field: str) -> list:
+    """The ``field`` of every row of a JSONL of training rows."""
+    if not path.is_file():
+        raise _CommandError(f"labels {path} not found")
+    labels = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
+            if not isinstance(row, dict) or field not in row:
+                raise _CommandError(f"{path}:{number} has no {field!r} field (see --label-field)")
+            labels.append(row[field])
+    if not labels:
+        raise _CommandError(f"{path} has no rows")
+    return labels
 
 
 def _write_json(path: Path, document) -> None:
@@ -487,6 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--name", help="entry name (one adapter only; default: directory name)")
     add.add_argument("--replace", action="store_true", help="overwrite entries of the same name")
+    add.add_argument(
+        "--labels",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="JSONL of an adapter's training rows, whose class labels give its label room "
+        "(what a run's callback records); repeat as NAME=PATH for several adapters",
+    )
+    add.add_argument(
+        "--label-field", default="label", help="the rows' label field (default: label)"
+    )
     add.set_defaults(handler=_add)
 
     plan = commands.add_parser(

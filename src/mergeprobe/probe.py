@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .anchors import DEFAULT_ANCHOR_TEXTS, anchor_hash, tokenize_anchors
 from .exceptions import InvalidParameterError, MergeprobeError
 from .signals.drift import linear_cka, pool_hidden, sketch_drift
 from .signals.gradient import GradientSketcher
+from .signals.labels import count_labels, label_summary
 from .signals.update import sample_update_entries, sketch_update, update_norm
 from .signature import Probe, Signature
 
@@ -537,6 +538,7 @@ def signature_of_adapter(
     sketch_size: int = 32,
     entry_count: int = 256,
     drift_sketch_size: int = 64,
+    training_labels: Mapping[Any, int] | Iterable[Any] | None = None,
 ) -> Signature:
     """The signature of a finished LoRA adapter: its final update and drift (no gradients).
 
@@ -547,8 +549,14 @@ def signature_of_adapter(
             ``base_model_name_or_path`` from the adapter config).
         tokenizer: tokenizer for the anchor texts (default: loaded from the base model path;
             without one, drift is skipped with a warning).
+        training_labels: the class labels of the adapter's training rows, or their counts
+            (label -> count), for its label room (``head_interference_room``), which the
+            callback records for a run; without them the predictors fall back to the head
+            interference alone.
     """
     from .store import sanitize_name
+
+    labels = label_summary(count_labels(training_labels)) if training_labels is not None else None
 
     if isinstance(adapter, str | os.PathLike):
         adapter_dir = Path(adapter)
@@ -590,6 +598,8 @@ def signature_of_adapter(
         created=utc_now(),
         training={"max_steps": max_steps} if max_steps else {},
     )
+    if labels is not None:
+        metadata["labels"] = labels
     if not math.isclose(fraction, 1.0):
         metadata["note"] = "adapter measured from a checkpoint before the end of its run"
     return Signature(name=sanitize_name(name or default_name), metadata=metadata, probes=[probe])

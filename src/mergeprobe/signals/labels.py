@@ -8,12 +8,14 @@ else about the data is kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._util import collective_device
+from ..exceptions import InvalidParameterError
 from ..signature import Signature
 
 NAN = float("nan")
@@ -77,23 +79,86 @@ class LabelCounter:
             if self.on_error is not None:
                 self.on_error(exc)
 
-    def summary(self) -> dict[str, Any] | None:
+    def summary(self, across_ranks: bool = False) -> dict[str, Any] | None:
         """``counts`` (label -> count), ``seen`` and ``majority_fraction``; ``None`` before
-        any labelled batch."""
+        any labelled batch.
+
+        With ``across_ranks`` the counts are summed over the data-parallel ranks, each of
+        which saw its own share of the batches (two collectives: every rank must call it).
+        """
         if self._pending:
             values = torch.cat(self._pending).to("cpu", torch.long)  # one copy off the device
             self._pending = []
             labels, counts = torch.unique(values[values >= 0], return_counts=True)
             for label, count in zip(labels.tolist(), counts.tolist(), strict=True):
                 self.counts[label] = self.counts.get(label, 0) + count
-        seen = sum(self.counts.values())
-        if not seen:
-            return None
-        return {
-            "counts": {str(k): v for k, v in sorted(self.counts.items())},
-            "seen": seen,
-            "majority_fraction": max(self.counts.values()) / seen,
+        return label_summary(_sum_across_ranks(self.counts) if across_ranks else self.counts)
+
+
+def label_summary(counts: Mapping[Any, int]) -> dict[str, Any] | None:
+    """The ``labels`` metadata of a signature from label -> count: ``counts`` (keys as
+    strings), ``seen`` and ``majority_fraction``; ``None`` when nothing was counted."""
+    counts = {k: v for k, v in counts.items() if v}
+    seen = sum(counts.values())
+    if not seen:
+        return None
+    return {
+        "counts": {str(k): v for k, v in sorted(counts.items(), key=_label_order)},
+        "seen": seen,
+        "majority_fraction": max(counts.values()) / seen,
+    }
+
+
+def _label_order(item: tuple[Any, int]) -> tuple[bool, Any]:
+    return isinstance(item[0], str), item[0]  # class ids in order, then names
+
+
+def count_labels(labels: Mapping[Any, int] | Iterable[Any]) -> dict[Any, int]:
+    """label -> count from class labels (ints or strings) or from their counts; a clear error
+    for anything that is not a class label."""
+    if isinstance(labels, Mapping):
+        counts = dict(labels)
+        bad = {
+            k: v
+            for k, v in counts.items()
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0
         }
+        if bad:
+            raise InvalidParameterError(
+                f"label counts must be non-negative integers; got {dict(list(bad.items())[:3])}"
+            )
+    else:
+        if isinstance(labels, str | bytes):
+            raise InvalidParameterError("labels must be a sequence of class labels, not a string")
+        counts = {}
+        for label in labels:
+            if isinstance(label, torch.Tensor) and label.dim() == 0:
+                label = label.item()
+            if isinstance(label, bool) or not isinstance(label, int | str):
+                raise InvalidParameterError(
+                    f"class labels must be integers or strings; got {label!r} "
+                    f"({type(label).__name__}): regression targets and multi-label rows have "
+                    "no label room"
+                )
+            counts[label] = counts.get(label, 0) + 1
+    if not sum(counts.values()):
+        raise InvalidParameterError("no labels given: the label room needs at least one")
+    return counts
+
+
+def _sum_across_ranks(counts: Mapping[int, int]) -> dict[int, int]:
+    """label -> count summed over the ranks (a rank may have seen fewer classes)."""
+    dist = torch.distributed
+    device = collective_device()
+    size = torch.tensor([max(counts) + 1 if counts else 0], device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    if not size.item():  # no rank saw a label: every rank skips the second collective
+        return {}
+    total = torch.zeros(int(size.item()), dtype=torch.long, device=device)
+    for label, count in counts.items():
+        total[label] = count
+    dist.all_reduce(total)
+    return {label: count for label, count in enumerate(total.tolist()) if count}
 
 
 def label_room(signature: Signature) -> float:
