@@ -12,7 +12,9 @@ job is ``NAME`` (plain run) or ``NAME:stop`` (on_incompatible="stop" with tau 1.
 decision is "route" and the run must stop at the horizon on every rank; it trains on other
 data than a plain job, so that it is not pruned as redundant instead), ``NAME:zero2`` /
 ``NAME:zero3`` (a plain job under DeepSpeed ZeRO stage 2 / 3 on its CPU accelerator), or
-``NAME:labels`` (a tiny Llama sequence classifier on ``LABELS``: each rank counts its share).
+``NAME:labels`` (a tiny Llama sequence classifier on ``LABELS``: each rank counts its share),
+or ``NAME:labels-resume`` (the same, checkpointed every 3 steps, then trained again from
+step 3).
 """
 
 from __future__ import annotations
@@ -91,15 +93,23 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
                 "gradient_clipping": "auto",  # as the plain run clips
             },
         }
-    callback = MergeProbeCallback(
-        store,
-        run_name=name,
-        horizon=HORIZON,
-        anchor_inputs=anchors(),
-        strict=True,
-        on_incompatible="stop" if stop else "continue",
-        policy=Policy(tau=1.5) if stop else None,
-    )
+    labelled = mode.startswith("labels")
+    resume = mode == "labels-resume"
+    if resume:
+        extra = {"save_strategy": "steps", "save_steps": 3}
+
+    def make_callback():
+        return MergeProbeCallback(
+            store,
+            run_name=name,
+            horizon=HORIZON,
+            anchor_inputs=anchors(),
+            strict=True,
+            on_incompatible="stop" if stop else "continue",
+            policy=Policy(tau=1.5) if stop else None,
+        )
+
+    callback = make_callback()
     args = TrainingArguments(
         **cpu_run(
             output_dir=str(out_dir / name),
@@ -111,7 +121,6 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
             **extra,
         )
     )
-    labelled = mode == "labels"
     trainer = Trainer(
         model=tiny_llama(classifier=labelled),
         args=args,
@@ -119,6 +128,15 @@ def train(out_dir: Path, store: Path, job: str, world_size: int = 1) -> dict:
         callbacks=[callback],
     )
     trainer.train()
+    if resume:  # again from step 3, before the horizon: the checkpoint holds 3 steps' labels
+        callback = make_callback()
+        trainer = Trainer(
+            model=tiny_llama(classifier=True),
+            args=args,
+            train_dataset=rows(labelled=True),
+            callbacks=[callback],
+        )
+        trainer.train(resume_from_checkpoint=str(out_dir / name / "checkpoint-3"))
     return {
         "job": job,
         "rank": args.process_index,

@@ -156,8 +156,10 @@ def test_add_takes_the_training_labels_of_each_adapter(tmp_path, adapters, capsy
         capsys, [*fresh, "--labels", str(rows)]
     )
     assert "not an adapter being added" in _error(capsys, [*fresh, "--labels", f"gamma={rows}"])
-    rows.write_text('{"label": 0.5}\n')
-    assert "integers or strings" in _error(capsys, [*fresh, "--labels", str(rows)])
+    assert "--label-field needs --labels" in _error(capsys, [*fresh, "--label-field", "y"])
+    rows.write_text('{"label": 1}\n{"label": 0.5}\n')
+    message = _error(capsys, [*fresh, "--labels", str(rows)])
+    assert "alpha-train.jsonl:2: class labels must be integers or strings" in message
     assert not (tmp_path / "fresh").exists() or not SignatureStore(tmp_path / "fresh").names()
 
 

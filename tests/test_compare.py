@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,6 +349,10 @@ def test_given_training_labels_are_counted_as_the_callback_counts_them():
     assert ids["counts"] == {"0": 1, "2": 2, "10": 1}  # ids in numeric order
     assert ids["majority_fraction"] == 0.5
     assert label_summary(count_labels({"a": 3, "b": 0, "c": 1}))["counts"] == {"a": 3, "c": 1}
+    # 1 and "1" (rows joined from two sources) are one class; numpy values are labels too
+    mixed = label_summary(count_labels([1, "1", np.int64(1), np.str_("x")]))
+    assert mixed == {"counts": {"1": 3, "x": 1}, "seen": 4, "majority_fraction": 0.75}
+    assert count_labels({np.int64(2): np.int64(5)}) == {2: 5}
     for bad, message in (
         ([0.5, 1.5], "integers or strings"),
         ([[0, 1]], "integers or strings"),
@@ -356,6 +361,8 @@ def test_given_training_labels_are_counted_as_the_callback_counts_them():
         ([], "no labels"),
         ({"a": -1}, "non-negative"),
         ({"a": 0}, "no labels"),
+        ({None: 1}, "integers or strings"),
+        ({0.5: 1}, "integers or strings"),
     ):
         with pytest.raises(InvalidParameterError, match=message):
             count_labels(bad)

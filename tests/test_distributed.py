@@ -96,7 +96,8 @@ def test_accelerate_launch_matches_one_process(tmp_path):
     (tmp_path / "acc").mkdir()
     ddp_worker.train(tmp_path / "single", tmp_path / "single-store", "ref", world_size=1)
     ddp_worker.train(tmp_path / "single", tmp_path / "single-store", "cls:labels", world_size=1)
-    _run(WORKER, tmp_path / "acc", tmp_path / "acc-store", "ref", "cls:labels", accelerate=True)
+    jobs = ("ref", "cls:labels", "resumed:labels-resume")
+    _run(WORKER, tmp_path / "acc", tmp_path / "acc-store", *jobs, accelerate=True)
     both = [json.loads((tmp_path / "acc" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(not job["failures"] for results in both for job in results)
 
@@ -109,6 +110,9 @@ def test_accelerate_launch_matches_one_process(tmp_path):
         "seen": 40,
         "majority_fraction": 0.625,
     }
+    # resumed at step 3: the checkpoint's sums come back once (on the writer), not per rank
+    resumed = SignatureStore(tmp_path / "acc-store").load("resumed")
+    assert resumed.metadata["labels"] == two_labels
 
     ranks = [results[0] for results in both]
     assert [r["world_size"] for r in ranks] == [2, 2]

@@ -11,11 +11,19 @@ from typing import Any
 
 
 def collective_device():
-    """The device a collective's tensors must live on: the current GPU under NCCL, else CPU."""
+    """The device a collective's tensors must live on: CPU under gloo or MPI, else the
+    current accelerator (NCCL's GPU, or XPU / NPU backends')."""
     import torch
 
+    if torch.distributed.get_backend() in ("gloo", "mpi"):
+        return torch.device("cpu")
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return torch.device(
+            accelerator.current_accelerator().type, accelerator.current_device_index()
+        )
     return torch.device("cpu")
 
 

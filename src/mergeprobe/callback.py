@@ -360,6 +360,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self._active = False
         self._recorder: SignalRecorder | None = None
         self._labels: LabelCounter | None = None
+        self._final_labels: tuple[dict[str, Any] | None] | None = None  # sums after counting
         self._store: SignatureStore | None = None
         self._log: DecisionLog | None = None
         self._trainer = None
@@ -487,6 +488,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         self.signature = None
         self._recorder = None
         self._labels = None
+        self._final_labels = None
         self._store = None
         self._log = None
         self._trainer = None
@@ -731,7 +733,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         # checkpoint: user-given anchor tensors (so a resumed run measures the same drift) and
         # the gradient running totals (so the horizon mean covers every step exactly).
         # Every rank sums the label counts (a collective) before the others return.
-        labels = self._label_summary()
+        labels = self._label_summary(state.global_step)
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not self._write or not folder.is_dir():
             return
@@ -805,11 +807,18 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
 
     # -- probing ---------------------------------------------------------------------------
 
-    def _label_summary(self) -> dict[str, Any] | None:
+    def _label_summary(self, step: int) -> dict[str, Any] | None:
         """The run's label counts, summed over data-parallel ranks (every rank calls this)."""
         if self._labels is None:
             return None
-        return self._labels.summary(across_ranks=self._across_ranks)
+        # Counting ends at the decision step on every rank alike, so from then on the sums
+        # are final: later checkpoints and the final probe reuse them without a collective.
+        if self._final_labels is not None and step >= max(self.probe_steps):
+            return self._final_labels[0]
+        summary = self._labels.summary(across_ranks=self._across_ranks)
+        if step >= max(self.probe_steps):
+            self._final_labels = (summary,)
+        return summary
 
     def _probe(self, state, kind: str, control=None) -> None:
         step, max_steps = state.global_step, state.max_steps
@@ -819,7 +828,7 @@ class MergeProbeCallback(TrainerCallback, ExportableState):
         }
         probe = self._recorder.measure(step, step / max_steps, kind, info=info)
         self.signature.probes.append(probe)
-        labels = self._label_summary()
+        labels = self._label_summary(step)
         if labels is not None:
             self.signature.metadata["labels"] = labels
         self.signature.metadata["updated"] = utc_now()

@@ -1,6 +1,6 @@
 """The ``mergeprobe`` command.
 
-    mergeprobe add ADAPTER... --store S [--base MODEL]
+    mergeprobe add ADAPTER... --store S [--base MODEL] [--labels [NAME=]TRAIN.jsonl ...]
     mergeprobe plan --store S [--names A B ...] [--tau 0.9] --out plan.json
         [--inputs NAME=PATH ...]   (rehearse the merges on each adapter's own inputs)
     mergeprobe apply plan.json --out DIR [--base MODEL] [--adapter NAME=PATH ...] [--rank R]
@@ -131,27 +131,35 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels_by_name(items: Sequence[str] | None, names: list[str], field: str) -> dict:
-    """``add --labels [NAME=]PATH``: each named adapter's training labels, read before any
-    adapter is measured (a bare PATH is the one adapter's)."""
+def _labels_by_name(items: Sequence[str] | None, names: list[str], field: str | None) -> dict:
+    """``add --labels [NAME=]PATH``: each named adapter's training label counts, read before
+    any adapter is measured (a bare PATH is the one adapter's)."""
     from .signals.labels import count_labels
+    from .store import sanitize_name
 
     if not items:
+        if field is not None:
+            raise _CommandError("--label-field needs --labels")
         return {}
-    if len(items) == 1 and "=" not in items[0] and len(names) == 1:
+    if len(items) == 1 and len(names) == 1 and ("=" not in items[0] or Path(items[0]).is_file()):
         paths = {names[0]: items[0]}
     else:
-        paths = _name_paths(items, "--labels")
+        paths = {sanitize_name(n): p for n, p in _name_paths(items, "--labels").items()}
     unknown = sorted(set(paths) - set(names))
     if unknown:
         raise _CommandError(
             f"--labels names {', '.join(unknown)}, not an adapter being added ({', '.join(names)})"
         )
-    return {name: count_labels(_read_labels(Path(path), field)) for name, path in paths.items()}
+    return {
+        name: count_labels(_read_labels(Path(path), field or "label"))
+        for name, path in paths.items()
+    }
 
 
 def _read_labels(path: Path, field: str) -> list:
-    """The ``field`` of every row of a JSONL of training rows."""
+    """The class label in ``field`` of every row of a JSONL of training rows."""
+    from .signals.labels import class_label
+
     if not path.is_file():
         raise _CommandError(f"labels {path} not found")
     labels = []
@@ -165,7 +173,10 @@ def _read_labels(path: Path, field: str) -> list:
                 raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
             if not isinstance(row, dict) or field not in row:
                 raise _CommandError(f"{path}:{number} has no {field!r} field (see --label-field)")
-            labels.append(row[field])
+            try:
+                labels.append(class_label(row[field]))
+            except MergeprobeError as exc:
+                raise _CommandError(f"{path}:{number}: {exc}") from exc
     if not labels:
         raise _CommandError(f"{path} has no rows")
     return labels
@@ -539,9 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL of an adapter's training rows, whose class labels give its label room "
         "(what a run's callback records); repeat as NAME=PATH for several adapters",
     )
-    add.add_argument(
-        "--label-field", default="label", help="the rows' label field (default: label)"
-    )
+    add.add_argument("--label-field", help="the rows' label field (default: label)")
     add.set_defaults(handler=_add)
 
     plan = commands.add_parser(

@@ -8,6 +8,7 @@ else about the data is kept.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -97,50 +98,64 @@ class LabelCounter:
 
 def label_summary(counts: Mapping[Any, int]) -> dict[str, Any] | None:
     """The ``labels`` metadata of a signature from label -> count: ``counts`` (keys as
-    strings), ``seen`` and ``majority_fraction``; ``None`` when nothing was counted."""
-    counts = {k: v for k, v in counts.items() if v}
-    seen = sum(counts.values())
+    strings: ``1`` and ``"1"`` are one class), ``seen`` and ``majority_fraction``; ``None``
+    when nothing was counted."""
+    merged: dict[str, int] = {}
+    for label, count in counts.items():
+        if count:
+            merged[str(label)] = merged.get(str(label), 0) + int(count)
+    seen = sum(merged.values())
     if not seen:
         return None
     return {
-        "counts": {str(k): v for k, v in sorted(counts.items(), key=_label_order)},
+        "counts": dict(sorted(merged.items(), key=_label_order)),
         "seen": seen,
-        "majority_fraction": max(counts.values()) / seen,
+        "majority_fraction": max(merged.values()) / seen,
     }
 
 
-def _label_order(item: tuple[Any, int]) -> tuple[bool, Any]:
-    return isinstance(item[0], str), item[0]  # class ids in order, then names
+def _label_order(item: tuple[str, int]) -> tuple[bool, int | str]:
+    label = item[0]
+    if label.lstrip("-").isdigit():
+        return False, int(label)  # class ids in numeric order, then names
+    return True, label
 
 
-def count_labels(labels: Mapping[Any, int] | Iterable[Any]) -> dict[Any, int]:
+def class_label(value: Any) -> int | str:
+    """One class label as an int or a str (numpy and 0-d tensor values too); an error for a
+    float, a bool, a list or anything else that is not one class."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # np.int64, np.str_
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    raise InvalidParameterError(
+        f"class labels must be integers or strings; got {value!r} ({type(value).__name__}): "
+        "regression targets and multi-label rows have no label room"
+    )
+
+
+def count_labels(labels: Mapping[Any, int] | Iterable[Any]) -> dict[int | str, int]:
     """label -> count from class labels (ints or strings) or from their counts; a clear error
     for anything that is not a class label."""
+    counts: dict[int | str, int] = {}
     if isinstance(labels, Mapping):
-        counts = dict(labels)
-        bad = {
-            k: v
-            for k, v in counts.items()
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0
-        }
-        if bad:
-            raise InvalidParameterError(
-                f"label counts must be non-negative integers; got {dict(list(bad.items())[:3])}"
-            )
+        for label, count in labels.items():
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                raise InvalidParameterError(
+                    f"label counts must be non-negative integers; got {count!r} for {label!r}"
+                )
+            key = class_label(label)
+            counts[key] = counts.get(key, 0) + int(count)
     else:
         if isinstance(labels, str | bytes):
             raise InvalidParameterError("labels must be a sequence of class labels, not a string")
-        counts = {}
         for label in labels:
-            if isinstance(label, torch.Tensor) and label.dim() == 0:
-                label = label.item()
-            if isinstance(label, bool) or not isinstance(label, int | str):
-                raise InvalidParameterError(
-                    f"class labels must be integers or strings; got {label!r} "
-                    f"({type(label).__name__}): regression targets and multi-label rows have "
-                    "no label room"
-                )
-            counts[label] = counts.get(label, 0) + 1
+            key = class_label(label)
+            counts[key] = counts.get(key, 0) + 1
     if not sum(counts.values()):
         raise InvalidParameterError("no labels given: the label room needs at least one")
     return counts
@@ -154,9 +169,10 @@ def _sum_across_ranks(counts: Mapping[int, int]) -> dict[int, int]:
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
     if not size.item():  # no rank saw a label: every rank skips the second collective
         return {}
-    total = torch.zeros(int(size.item()), dtype=torch.long, device=device)
+    total = torch.zeros(int(size.item()), dtype=torch.long)
     for label, count in counts.items():
         total[label] = count
+    total = total.to(device)  # one copy, not one per class
     dist.all_reduce(total)
     return {label: count for label, count in enumerate(total.tolist()) if count}
 
