@@ -153,11 +153,12 @@ def load_pairs(path: Path, data: Path | None = None) -> pd.DataFrame:
         head = without_empty_head_columns(pd.read_csv(extra))
         head = head[["self", "other", *(c for c in head.columns[2:] if c not in table)]]
         table = table.merge(head, on=["self", "other"], how="left")
+    added: dict[str, pd.Series] = {}  # joined at once: column by column fragments the frame
     for prefix in PREFIXES:
         ratio, kl = f"{prefix}_interference_ratio_last", f"{prefix}_head_kl"
         target = f"{prefix}_head_interference"
         if ratio in table.columns and kl in table.columns and target not in table.columns:
-            table[target] = np.sqrt(table[ratio] * table[kl].clip(lower=0))
+            added[target] = np.sqrt(table[ratio] * table[kl].clip(lower=0))
     if data is None:
         run = Path(path).with_name("run.json")
         config = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
@@ -167,10 +168,11 @@ def load_pairs(path: Path, data: Path | None = None) -> pd.DataFrame:
         room = table.self_task.map(rooms)
         for prefix in PREFIXES:
             head = f"{prefix}_head_interference"
-            if head in table.columns:
-                table[f"{prefix}_label_room_self"] = room
-                table[f"{prefix}_head_interference_room"] = table[head] * room
-    return table.copy()  # one block again after the added columns
+            values = added.get(head, table[head] if head in table.columns else None)
+            if values is not None:
+                added[f"{prefix}_label_room_self"] = room
+                added[f"{prefix}_head_interference_room"] = values * room
+    return pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
 
 
 def loto(
