@@ -160,26 +160,31 @@ def _read_labels(path: Path, field: str) -> list:
     """The class label in ``field`` of every row of a JSONL of training rows."""
     from .signals.labels import class_label
 
-    if not path.is_file():
-        raise _CommandError(f"labels {path} not found")
     labels = []
+    for number, row in _jsonl_rows(path, "labels"):
+        if not isinstance(row, dict) or field not in row:
+            raise _CommandError(f"{path}:{number} has no {field!r} field (see --label-field)")
+        try:
+            labels.append(class_label(row[field]))
+        except MergeprobeError as exc:
+            raise _CommandError(f"{path}:{number}: {exc}") from exc
+    if not labels:
+        raise _CommandError(f"{path} has no rows")
+    return labels
+
+
+def _jsonl_rows(path: Path, what: str):
+    """(line number, parsed row) of every non-empty line of a JSONL file."""
+    if not path.is_file():
+        raise _CommandError(f"{what} {path} not found")
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
-            if not isinstance(row, dict) or field not in row:
-                raise _CommandError(f"{path}:{number} has no {field!r} field (see --label-field)")
-            try:
-                labels.append(class_label(row[field]))
-            except MergeprobeError as exc:
-                raise _CommandError(f"{path}:{number}: {exc}") from exc
-    if not labels:
-        raise _CommandError(f"{path} has no rows")
-    return labels
 
 
 def _write_json(path: Path, document) -> None:
@@ -202,31 +207,22 @@ def _name_paths(items: Sequence[str] | None, option: str, form: str = "NAME") ->
 
 def _read_inputs(path: Path, limit: int) -> list[dict]:
     """The first ``limit`` rows of a JSONL of inputs, each with ``text`` or ``input_ids``."""
-    if not path.is_file():
-        raise _CommandError(f"inputs {path} not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
-            ids = row.get("input_ids") if isinstance(row, dict) else None
-            text = row.get("text") if isinstance(row, dict) else None
-            # one form per row, decided here: token ids when valid, else the text
-            if isinstance(ids, list) and ids and all(_is_token_id(i) for i in ids):
-                rows.append({"input_ids": ids})
-            elif isinstance(text, str) and text:
-                rows.append({"text": text})
-            else:
-                raise _CommandError(
-                    f"{path}:{number} needs a non-empty 'text' string or an 'input_ids' list "
-                    "of non-negative integers"
-                )
-            if len(rows) == limit:
-                break
+    for number, row in _jsonl_rows(path, "inputs"):
+        ids = row.get("input_ids") if isinstance(row, dict) else None
+        text = row.get("text") if isinstance(row, dict) else None
+        # one form per row, decided here: token ids when valid, else the text
+        if isinstance(ids, list) and ids and all(_is_token_id(i) for i in ids):
+            rows.append({"input_ids": ids})
+        elif isinstance(text, str) and text:
+            rows.append({"text": text})
+        else:
+            raise _CommandError(
+                f"{path}:{number} needs a non-empty 'text' string or an 'input_ids' list "
+                "of non-negative integers"
+            )
+        if len(rows) == limit:
+            break
     if not rows:
         raise _CommandError(f"{path} has no inputs")
     return rows
