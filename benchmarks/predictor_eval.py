@@ -172,6 +172,8 @@ def load_pairs(path: Path, data: Path | None = None) -> pd.DataFrame:
             if values is not None:
                 added[f"{prefix}_label_room_self"] = room
                 added[f"{prefix}_head_interference_room"] = values * room
+    # the training files' rooms replace a table's own columns of the same name
+    table = table.drop(columns=[c for c in added if c in table.columns])
     return pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
 
 
