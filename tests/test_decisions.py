@@ -79,6 +79,15 @@ def test_decision_compares_with_the_store_and_validates(tmp_path):
     assert pair["retention_other"] == pytest.approx(0.97)
     lo, hi = pair["interval"]
     assert lo - 1e-9 <= 0.97 <= hi + 1e-9
+    # the signals that prediction read, with b's values against a
+    store = SignatureStore(tmp_path / "store")
+    b, a = store.load("b"), store.load("a")
+    forward = pairwise_signals(b, a, b.probe(0.25), a.probe(0.25))
+    assert sorted(pair["signals"]) == sorted(FEATURES)
+    assert pair["signals"]["update_norm_ratio"] == pytest.approx(
+        forward["update_norm_ratio"], rel=1e-6
+    )
+    assert pair["signals"]["cka_self"] is None  # no drift here: missing, never zero
     # a predictor of one's own: a's early probe, not its end, and nothing switched
     assert pair["partner_state"].startswith("probe at") and "predictors" not in pair
     assert "against_finished" not in decision["predictor"]
@@ -105,7 +114,13 @@ def test_the_default_reads_a_finished_partner_at_its_end(tmp_path):
     a, b = store.load("a"), store.load("b")
     horizon = b.probe(0.25)
     method = decision["set"]["method"] or "direct"
-    own = finished[method].predict([pairwise_signals(b, a, horizon, a.probes[-1])])[0]
+    forward = pairwise_signals(b, a, horizon, a.probes[-1])
+    own = finished[method].predict([forward])[0]
+    # the record names the signals that prediction read: this tiny model records no head and
+    # no drift, so the chain's last link, its signals missing (null) and imputed
+    read = finished["direct"].predicted_from([forward])[0]
+    assert pair["signals"] == {name: None for name in read}
+    assert list(read) == ["interference_ratio", "interference_ratio_last"]
     partner = load_predictors()[0][method].predict([pairwise_signals(a, b, a.probes[-1], horizon)])[
         0
     ]

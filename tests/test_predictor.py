@@ -256,6 +256,13 @@ def test_fallbacks_chain_in_order_and_round_trip(tmp_path):
     path = save_predictors({"direct": predictor}, tmp_path / "chain.skops")
     loaded, _ = load_predictors(path)
     np.testing.assert_array_equal(loaded["direct"].predict([full, no_kl, neither]), point)
+    # which model predicted each row; the last link takes what is left (imputed)
+    assert loaded["direct"].predicted_from([full, no_kl, neither, {}]) == [
+        ("head_kl",),
+        ("head_interference",),
+        ("interference_ratio_last",),
+        ("interference_ratio_last",),
+    ]
 
 
 @pytest.mark.parametrize("fallback", ["head_kl", (), (("head_kl",), "x"), ((),)])

@@ -510,7 +510,7 @@ def predict_pairs(
         except IncompatibleSignatureError as exc:
             notes.append({"with": other.name, "skipped": str(exc)})
             continue
-        retention_self, retention_other, interval = {}, {}, {}
+        retention_self, retention_other, interval, read = {}, {}, {}, ()
         for method, predictor in predictors.items():
             if finished:
                 # The finished partner beside this run (its end against a run at its horizon)
@@ -523,6 +523,8 @@ def predict_pairs(
                 forward_predictor = predictor
                 own, partner = (float(v) for v in predictor.predict([forward, backward]))
             low, high = (float(v) for v in forward_predictor.predict_interval([forward])[0])
+            if method == "direct" or not read:
+                read = _signals_predicted_from(forward_predictor, forward)
             retention_self[method], retention_other[method] = own, partner
             interval[method] = (low, high)
         predictions.append(
@@ -541,6 +543,9 @@ def predict_pairs(
             **({"predictors": "against finished"} if finished else {}),
             "shared_layers": int(forward["shared_layers"]),
             "layer_coverage": forward["layer_coverage"],
+            # what retention_self was predicted from (a fallback's signals where one was
+            # missing; null: missing, imputed by the last model of the chain)
+            "signals": {name: _finite_or_none(forward.get(name)) for name in read},
         }
         if forward["layer_coverage"] < 1 or backward["layer_coverage"] < 1:
             # Different target-module sets: the signals cover only the layers both adapt.
@@ -551,6 +556,22 @@ def predict_pairs(
             )
         notes.append(note)
     return predictions, notes
+
+
+def _signals_predicted_from(predictor, signals: Mapping[str, float]) -> tuple[str, ...]:
+    """The signals ``predictor`` predicts this pair from (any object with ``predict`` may be
+    given: then its ``features``, if it names them)."""
+    if hasattr(predictor, "predicted_from"):
+        return tuple(predictor.predicted_from([signals])[0])
+    return tuple(getattr(predictor, "features", ()))
+
+
+def _finite_or_none(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 PLAN_SCHEMA = "mergeprobe.plan/1"
