@@ -177,6 +177,14 @@ def load_pairs(path: Path, data: Path | None = None) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
 
 
+CALIBRATION_TAUS = (0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97)
+
+
+def calibration_row(kept: np.ndarray) -> tuple[float, float, float, float]:
+    """Share of measured retentions at or above 0.9 and 0.85, their mean and minimum."""
+    return float(np.mean(kept >= 0.9)), float(np.mean(kept >= 0.85)), kept.mean(), kept.min()
+
+
 def loto(
     frame: pd.DataFrame,
     columns: list[str],
@@ -621,6 +629,36 @@ def main(argv=None) -> int:
             "bootstrap, 95 %).",
             "",
         ]
+
+    # What the policy's tau means on measured retention: of the pairs the chosen model
+    # predicts at or above a threshold, how many keep 0.9 (leave-one-task-out).
+    out["threshold_calibration"] = {}
+    base_rate = float(np.mean(y >= 0.9))
+    lines += [
+        "Threshold calibration: the pairs whose leave-one-task-out prediction (chosen model) "
+        "is at or above the policy's tau, and their measured retention (share at or above "
+        f"0.9 and 0.85, mean, worst). Of all {len(y)} pairs, {base_rate:.0%} keep 0.9.",
+        "",
+        "| signals | tau | pairs at or above | measured >= 0.9 | measured >= 0.85 | mean | worst |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for prefix in ("p05", "p05f"):
+        if (chosen_model, prefix) not in results:
+            continue
+        predicted = results[(chosen_model, prefix)][2]
+        rows = out["threshold_calibration"][prefix] = {}
+        for tau in CALIBRATION_TAUS:
+            kept = y[predicted >= tau]
+            if not len(kept):
+                continue
+            share9, share85, mean, worst = calibration_row(kept)
+            rows[str(tau)] = {"pairs": len(kept), "at_least_0.9": share9, "at_least_0.85": share85}
+            rows[str(tau)].update(mean=mean, worst=worst)
+            lines.append(
+                f"| {prefix} | {tau:g} | {len(kept)} | {share9:.2f} | {share85:.2f} | "
+                f"{mean:.3f} | {worst:.3f} |"
+            )
+    lines.append("")
 
     # set retention from pairwise values, against the measured triples
     triples_path = Path(args.triples) if args.triples else pairs_path.with_name("triples.csv")
