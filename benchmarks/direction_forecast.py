@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 import benchmarks.merge_retention as bench  # noqa: E402
 from benchmarks.plan_eval import load_config, results_and_cache, write_report  # noqa: E402
 
+COLUMNS = ("update", "extrapolated", "gradient", "turn")
+
 
 def layer_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Cosine of each layer's sketch in ``a`` with the same layer's in ``b`` ((L, k, k) each)."""
@@ -68,17 +70,21 @@ def main(argv=None) -> int:
         final = next((p for p in signature.probes if p.kind == "final"), None)
         if final is None or "update_sketch" not in final.tensors:
             continue
+        previous = None
         for probe in signature.probes:
             if probe.kind != "probe" or not {"update_sketch", "grad_sketch"} <= set(probe.tensors):
                 continue
-            row = by_fraction.setdefault(
-                round(probe.fraction, 4), {"update": [], "gradient": [], "turn": []}
-            )
+            row = by_fraction.setdefault(round(probe.fraction, 4), {k: [] for k in COLUMNS})
             end, early = final.tensors["update_sketch"], probe.tensors["update_sketch"]
             descent = -probe.tensors["grad_sketch"]
             row["update"].append(float(layer_cosines(early, end).mean()))
+            if previous is not None:
+                # one more step of the same length along the path from the previous probe
+                path = early + (early - previous)
+                row["extrapolated"].append(float(layer_cosines(path, end).mean()))
             row["gradient"].append(float(layer_cosines(descent, end).mean()))
             row["turn"].append(float(layer_cosines(descent, turns(early, end)).mean()))
+            previous = early
     if not by_fraction:
         parser.error("no signature has both probes with update and gradient sketches and a final")
 
@@ -90,28 +96,37 @@ def main(argv=None) -> int:
         "probes and its finished update. Per LoRA layer, the cosine (sketch space) of the "
         "finished update with the update so far and with the negated mean full-weight gradient "
         "so far, and of that gradient with the turn (the finished update less its component "
-        "along the update so far); mean over layers, then over runs [smallest, largest run].",
+        "along the update so far); also of the finished update with the update so far "
+        "extrapolated along its own path (u + (u − u_previous probe)); mean over layers, then "
+        "over runs [smallest, largest run].",
         "",
-        "| probe | finished vs update so far | finished vs − mean gradient so far "
-        "| turn vs − mean gradient so far |",
-        "|---|---|---|---|",
+        "| probe | finished vs update so far | finished vs update extrapolated "
+        "| finished vs − mean gradient so far | turn vs − mean gradient so far |",
+        "|---|---|---|---|---|",
     ]
     payload: dict = {"runs": runs, "fractions": {}}
     for fraction in sorted(by_fraction):
         row = by_fraction[fraction]
         cells = []
-        for key in ("update", "gradient", "turn"):
+        for key in COLUMNS:
             values = np.array(row[key])
-            cells.append(f"{values.mean():.3f} [{values.min():.3f}, {values.max():.3f}]")
+            cells.append(
+                f"{values.mean():.3f} [{values.min():.3f}, {values.max():.3f}]"
+                if len(values)
+                else "—"
+            )
         lines.append(f"| {fraction:.0%} | {' | '.join(cells)} |")
         payload["fractions"][str(fraction)] = {
             key: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
             for key, v in row.items()
+            if v
         }
     lines += [
         "",
-        "The update the run has made so far points closer to where it ends than the mean "
-        "gradient of its first steps does, and the turn it takes afterwards is nearly "
+        "Extrapolating the update along its own path gains almost nothing (its direction "
+        "after the probe does not continue the turn before it). The update the run has made "
+        "so far points closer to where it ends than the mean gradient of its first steps "
+        "does, and the turn it takes afterwards is nearly "
         "orthogonal to that gradient (two random directions of the k × k sketch space have a "
         "cosine of about ±1/k = ±0.03): the gradient sketches forecast no turn the update "
         "misses.",
