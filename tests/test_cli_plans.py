@@ -103,6 +103,7 @@ def test_report_reads_a_decision_log(tmp_path, capsys):
                 "retention_other": 0.9,
                 "interval": [0.6, 0.8],
                 "partner_state": "final state",
+                "signals": {"head_interference_room": 0.0412, "label_room_self": None},
             },
         ],
     }
@@ -111,7 +112,16 @@ def test_report_reads_a_decision_log(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mine" in printed and "0.610" in printed and "reason: too different" in printed
     (row,) = [line for line in printed.splitlines() if "done" in line]
-    assert row.split()[-5:] == ["0.900", "[0.600,", "0.800]", "final", "state"]
+    assert row.split()[-7:] == [
+        "0.900",
+        "[0.600,",
+        "0.800]",
+        "final",
+        "state",
+        "head_interference_room=0.041,",
+        "label_room_self=—",
+    ]
+    assert "predicted from" in printed
 
 
 def test_add_refuses_a_bad_path_and_writes_nothing(tmp_path, adapters, capsys):

@@ -243,9 +243,7 @@ def train_task(
     """Train one adapter for ``steps`` steps with a ``MergeProbeCallback`` writing to ``store``."""
     run_dir = out_dir / "runs" / task.name
     log_path = run_dir / "mergeprobe.jsonl"
-    # Start from a clean slate when the demo is run again into the same folder.
-    store.delete(task.name)
-    log_path.unlink(missing_ok=True)
+    log_path.unlink(missing_ok=True)  # a log of the demo run before
 
     args = TrainingArguments(
         output_dir=str(run_dir),
@@ -431,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = SignatureStore(out_dir / "store")
     tokenizer = load_tokenizer()
     tasks = make_tasks()
+    # A clean slate when the demo runs again into the same folder: its first run must not
+    # meet the last demo's runs in the store.
+    for task in tasks:
+        store.delete(task.name)
     started = time.perf_counter()
     results = []
     for i, task in enumerate(tasks, 1):

@@ -25,6 +25,11 @@ def _span(interval: Sequence[float] | None) -> str:
     return f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else ""
 
 
+def _signals(signals: Mapping[str, Any] | None) -> str:
+    """``name=value`` of the signals a prediction read (``—`` for a missing one)."""
+    return ", ".join(f"{name}={_fmt(value)}" for name, value in (signals or {}).items())
+
+
 def load_report_source(path: str | os.PathLike) -> tuple[str, Any]:
     """``("plan", document)`` for a plan JSON, ``("log", records)`` for a decision log."""
     from .decision_log import read_log
@@ -59,7 +64,7 @@ def decisions_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
         return ["(no decision record)"]
     lines = [
         f"{'run':<20} {'decision':<9} {'step':>6} {'partner':<20} {'R self':>7} "
-        f"{'R partner':>9}  {'interval':<16} partner state"
+        f"{'R partner':>9}  {'interval':<16} {'partner state':<14} predicted from"
     ]
     for run, record in latest.items():
         pairs = record.get("pairs") or [{}]
@@ -69,7 +74,8 @@ def decisions_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"{run if first else '':<20} {record.get('decision', '') if first else '':<9} "
                 f"{str(record.get('step', '')) if first else '':>6} {pair.get('with', '—'):<20} "
                 f"{_fmt(pair.get('retention_self')):>7} {_fmt(pair.get('retention_other')):>9}  "
-                f"{_span(pair.get('interval')):<16} {pair.get('partner_state', '')}"
+                f"{_span(pair.get('interval')):<16} {pair.get('partner_state', ''):<14} "
+                f"{_signals(pair.get('signals'))}"
             )
             lines.append(row.rstrip())
         for reason in record.get("reasons") or []:
