@@ -123,8 +123,8 @@ def main(argv=None) -> int:
         }
     lines += [
         "",
-        "Extrapolating the update along its own path gains almost nothing (its direction "
-        "after the probe does not continue the turn before it). The update the run has made "
+        "Extrapolating the update one step along its own path gains almost nothing (its "
+        "direction after the probe does not continue the turn before it). The update the run has made "
         "so far points closer to where it ends than the mean gradient of its first steps "
         "does, and the turn it takes afterwards is nearly "
         "orthogonal to that gradient (two random directions of the k × k sketch space have a "

@@ -118,7 +118,7 @@ def test_report_reads_a_decision_log(tmp_path, capsys):
         "0.800]",
         "final",
         "state",
-        "head_interference_room=0.041,",
+        "head_interference_room=0.0412,",
         "label_room_self=—",
     ]
     assert "predicted from" in printed

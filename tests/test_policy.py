@@ -507,3 +507,25 @@ def test_partner_pairs_that_are_not_finite_count_as_incompatible():
     # the partner that joins second is damaged by the first: its own side counts too
     between = [_pair("a", "b", 0.99, other={"direct": 0.9, "mean": 0.9})]
     assert POLICY.decide("run", pairs, between).members == ["run", "a"]
+
+
+def test_each_method_names_the_signals_its_prediction_read():
+    import numpy as np
+
+    from mergeprobe import RetentionPredictor, predict_pairs
+
+    run = _norm_signature("run", [("probe", 0.05, 2.0)])
+    done = _norm_signature("done", [("probe", 0.05, 1.0)])
+    predictors = _norm_damage(0.1)
+    # the mean merge's model reads another signal (hand-built signatures carry no drift:
+    # drift_norm_ratio is missing and imputed, so it is named with no value)
+    ratio = np.linspace(0.1, 3.0, 20)
+    predictors["mean"] = RetentionPredictor(features=("drift_norm_ratio",), model="ridge").fit(
+        {"drift_norm_ratio": ratio}, 1.0 - 0.01 * ratio
+    )
+    (pair,), _ = predict_pairs(run, [done], predictors)
+    assert pair.signals["direct"] == {"update_norm_ratio": pytest.approx(0.5)}
+    assert pair.signals["mean"] == {"drift_norm_ratio": None}
+    assert pair.as_record("mean")["signals"] == {"drift_norm_ratio": None}
+    assert pair.as_record("direct")["signals"]["update_norm_ratio"] == pytest.approx(0.5)
+    assert "signals" not in pair.as_record("ties")  # no prediction for it

@@ -17,8 +17,9 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ._util import atomic_write
 from ._version import __version__
@@ -173,18 +174,23 @@ def _read_labels(path: Path, field: str) -> list:
     return labels
 
 
-def _jsonl_rows(path: Path, what: str):
-    """(line number, parsed row) of every non-empty line of a JSONL file."""
+def _jsonl_rows(path: Path, what: str) -> Generator[tuple[int, Any], None, None]:
+    """(line number, parsed row) of every non-empty line of a JSONL file, read lazily (a
+    caller may stop early); a missing file is refused at the call."""
     if not path.is_file():
         raise _CommandError(f"{what} {path} not found")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
+
+    def rows() -> Generator[tuple[int, Any], None, None]:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise _CommandError(f"{path}:{number} is not JSON ({exc})") from exc
+
+    return rows()
 
 
 def _write_json(path: Path, document) -> None:
@@ -208,7 +214,8 @@ def _name_paths(items: Sequence[str] | None, option: str, form: str = "NAME") ->
 def _read_inputs(path: Path, limit: int) -> list[dict]:
     """The first ``limit`` rows of a JSONL of inputs, each with ``text`` or ``input_ids``."""
     rows = []
-    for number, row in _jsonl_rows(path, "inputs"):
+    lines = _jsonl_rows(path, "inputs")
+    for number, row in lines:
         ids = row.get("input_ids") if isinstance(row, dict) else None
         text = row.get("text") if isinstance(row, dict) else None
         # one form per row, decided here: token ids when valid, else the text
@@ -222,6 +229,7 @@ def _read_inputs(path: Path, limit: int) -> list[dict]:
                 "of non-negative integers"
             )
         if len(rows) == limit:
+            lines.close()  # the file now, not when the generator is collected
             break
     if not rows:
         raise _CommandError(f"{path} has no inputs")

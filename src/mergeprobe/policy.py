@@ -38,6 +38,8 @@ class PairPrediction:
 
     ``retention_self[m]`` is ``R_{self|other}`` under method ``m``; ``interval[m]`` its
     [low, high]. ``redundancy`` is a similarity in [-1, 1] (drift cosine) used for pruning.
+    ``signals[m]``: the signals ``retention_self[m]`` was predicted from, with their values
+    (``None``: missing, imputed).
     """
 
     self: str
@@ -46,6 +48,7 @@ class PairPrediction:
     retention_other: Mapping[str, float]
     interval: Mapping[str, tuple[float, float]]
     redundancy: float = math.nan
+    signals: Mapping[str, Mapping[str, float | None]] = dataclasses.field(default_factory=dict)
 
     def keeps_both(self, method: str, tau: float) -> bool:
         """Whether both sides are predicted at or above ``tau`` under ``method``."""
@@ -62,6 +65,7 @@ class PairPrediction:
             "retention_other": self.retention_other.get(method),
             "interval": list(self.interval[method]) if method in self.interval else None,
             "redundancy": self.redundancy,
+            **({"signals": dict(self.signals[method])} if method in self.signals else {}),
         }
 
 
@@ -510,7 +514,7 @@ def predict_pairs(
         except IncompatibleSignatureError as exc:
             notes.append({"with": other.name, "skipped": str(exc)})
             continue
-        retention_self, retention_other, interval, read = {}, {}, {}, ()
+        retention_self, retention_other, interval, read = {}, {}, {}, {}
         for method, predictor in predictors.items():
             if finished:
                 # The finished partner beside this run (its end against a run at its horizon)
@@ -523,8 +527,10 @@ def predict_pairs(
                 forward_predictor = predictor
                 own, partner = (float(v) for v in predictor.predict([forward, backward]))
             low, high = (float(v) for v in forward_predictor.predict_interval([forward])[0])
-            if method == "direct" or not read:
-                read = _signals_predicted_from(forward_predictor, forward)
+            read[method] = {
+                name: _finite_or_none(forward.get(name))
+                for name in _signals_predicted_from(forward_predictor, forward)
+            }
             retention_self[method], retention_other[method] = own, partner
             interval[method] = (low, high)
         predictions.append(
@@ -535,6 +541,7 @@ def predict_pairs(
                 retention_other,
                 interval,
                 redundancy=forward.get("drift_cosine", math.nan),
+                signals=read,
             )
         )
         note = {
@@ -543,9 +550,6 @@ def predict_pairs(
             **({"predictors": "against finished"} if finished else {}),
             "shared_layers": int(forward["shared_layers"]),
             "layer_coverage": forward["layer_coverage"],
-            # what retention_self was predicted from (a fallback's signals where one was
-            # missing; null: missing, imputed by the last model of the chain)
-            "signals": {name: _finite_or_none(forward.get(name)) for name in read},
         }
         if forward["layer_coverage"] < 1 or backward["layer_coverage"] < 1:
             # Different target-module sets: the signals cover only the layers both adapt.

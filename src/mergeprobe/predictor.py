@@ -392,12 +392,14 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         return point, interval
 
     def predicted_from(self, X: Any) -> list[tuple[str, ...]]:
-        """For each row of ``X``, the signals of the model that predicts it: this one's, or,
-        where one of them is missing, a fallback's (down the chain). The last model of the
-        chain predicts every row left, imputing what it lacks."""
+        """For each row of ``X``, the signals of the model that predicts it: this one's (those
+        it learned from: a signal no training pair had is left out), or, where one of them is
+        missing, a fallback's (down the chain). The last model of the chain predicts every row
+        left, imputing what it lacks."""
         self._check_fitted()
         missing = self._missing(X)
-        chosen = [tuple(self.features)] * len(missing)
+        own = tuple(self.features[k] for k in self.active_features_)
+        chosen = [own] * len(missing)
         if getattr(self, "fallback_", None) is not None and missing.any():
             back = self.fallback_.predicted_from(X)
             chosen = [b if m else c for c, b, m in zip(chosen, back, missing, strict=True)]

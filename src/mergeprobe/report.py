@@ -26,8 +26,15 @@ def _span(interval: Sequence[float] | None) -> str:
 
 
 def _signals(signals: Mapping[str, Any] | None) -> str:
-    """``name=value`` of the signals a prediction read (``—`` for a missing one)."""
-    return ", ".join(f"{name}={_fmt(value)}" for name, value in (signals or {}).items())
+    """``name=value`` of the signals a prediction read (``—`` for a missing one; three
+    significant digits, so a small signal does not read as zero)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return f"{v:.3g}" if math.isfinite(v) else "—"
+        return "—" if v is None else str(v)
+
+    return ", ".join(f"{name}={value(v)}" for name, v in (signals or {}).items())
 
 
 def load_report_source(path: str | os.PathLike) -> tuple[str, Any]:
@@ -74,7 +81,7 @@ def decisions_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"{run if first else '':<20} {record.get('decision', '') if first else '':<9} "
                 f"{str(record.get('step', '')) if first else '':>6} {pair.get('with', '—'):<20} "
                 f"{_fmt(pair.get('retention_self')):>7} {_fmt(pair.get('retention_other')):>9}  "
-                f"{_span(pair.get('interval')):<16} {pair.get('partner_state', ''):<14} "
+                f"{_span(pair.get('interval')):<16} {pair.get('partner_state') or '':<14} "
                 f"{_signals(pair.get('signals'))}"
             )
             lines.append(row.rstrip())
