@@ -664,13 +664,16 @@ def main(argv=None) -> int:
     # per method (its power refitted in every fold), each pair merged by the method predicted
     # best for it, against one method for every pair.
     per_method = {}
-    for method in METHODS if cols("p05", features) else ():
+    at_five = cols("p05", features)
+    for method in METHODS if at_five else ():
         column = f"retention_ratio_{method}"
         measured = frame[column].to_numpy(dtype=float) if column in frame.columns else None
         if measured is not None and np.isfinite(measured).all():
             power = "auto" if chosen_model == "damage" else 1.0
-            predicted = loto(frame, cols("p05", features), measured, chosen_model, power=power)
-            per_method[method] = (measured, predicted)
+            per_method[method] = (
+                measured,
+                loto(frame, at_five, measured, chosen_model, power=power),
+            )
     if len(per_method) > 1:
         names = list(per_method)
         measured_by = np.stack([per_method[m][0] for m in names], axis=1)

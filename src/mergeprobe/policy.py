@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ._util import RESERVED_NAMES
+from ._util import RESERVED_NAMES, clean_json
 from .exceptions import InvalidParameterError, MergeprobeError
-from .predictor import METHODS, _signals_read, set_retention
+from .predictor import METHODS, _as_float, _signals_read, set_retention
 
 __all__ = [
     "PLAN_SCHEMA",
@@ -528,7 +528,7 @@ def predict_pairs(
                 own, partner = (float(v) for v in predictor.predict([forward, backward]))
             low, high = (float(v) for v in forward_predictor.predict_interval([forward])[0])
             read[method] = {
-                name: _finite_or_none(forward.get(name))
+                name: clean_json(_as_float(forward.get(name)))  # missing: None
                 for name in _signals_predicted_from(forward_predictor, forward)
             }
             retention_self[method], retention_other[method] = own, partner
@@ -568,14 +568,6 @@ def _signals_predicted_from(predictor, signals: Mapping[str, float]) -> tuple[st
     if hasattr(predictor, "predicted_from"):
         return tuple(predictor.predicted_from([signals])[0])
     return tuple(getattr(predictor, "features", ()))
-
-
-def _finite_or_none(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 PLAN_SCHEMA = "mergeprobe.plan/1"
@@ -857,7 +849,7 @@ def build_plan(
     and routed adapters), ``pruned`` adapters and the model that serves them, the predicted
     ``pairs`` (by default when there are at most 200 adapters) and the pairs ``skipped``.
     """
-    from ._util import clean_json, utc_now
+    from ._util import utc_now
     from ._version import __version__
     from .signals.compare import compatibility_matrix
     from .signature import check_compatible

@@ -377,41 +377,38 @@ class RetentionPredictor(RegressorMixin, BaseEstimator):
         the logarithm makes it NaN)."""
         return ~np.isfinite(_feature_matrix(X, self.features, log=False)).all(axis=1)
 
-    def _point_and_interval(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions and their ``(n, 2)`` intervals; rows missing a feature are the
-        fallback's, with its interval (down a chain, each model's own)."""
+    def _predict_rows(self, X: Any) -> tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]:
+        """Predictions, their ``(n, 2)`` intervals and the signals each row was predicted
+        from. Rows missing a feature are the fallback's, with its interval and signals (down a
+        chain); the last model of the chain predicts every row left, imputing what it lacks."""
         self._check_fitted()
         matrix = self._bend(self._matrix(X)[:, self.active_features_])
         point = self._untarget(self.estimator_.predict(matrix))
         interval = point[:, None] + np.asarray(self.residual_quantiles_)
+        # a signal no training pair had is not one the model learned from
+        sources = [tuple(self.features[k] for k in self.active_features_)] * len(point)
         if getattr(self, "fallback_", None) is not None:
             missing = self._missing(X)
             if missing.any():
-                back_point, back_interval = self.fallback_._point_and_interval(X)
+                back_point, back_interval, back_sources = self.fallback_._predict_rows(X)
                 point[missing], interval[missing] = back_point[missing], back_interval[missing]
-        return point, interval
-
-    def predicted_from(self, X: Any) -> list[tuple[str, ...]]:
-        """For each row of ``X``, the signals of the model that predicts it: this one's (those
-        it learned from: a signal no training pair had is left out), or, where one of them is
-        missing, a fallback's (down the chain). The last model of the chain predicts every row
-        left, imputing what it lacks."""
-        self._check_fitted()
-        missing = self._missing(X)
-        own = tuple(self.features[k] for k in self.active_features_)
-        chosen = [own] * len(missing)
-        if getattr(self, "fallback_", None) is not None and missing.any():
-            back = self.fallback_.predicted_from(X)
-            chosen = [b if m else c for c, b, m in zip(chosen, back, missing, strict=True)]
-        return chosen
+                sources = [
+                    b if m else s for s, b, m in zip(sources, back_sources, missing, strict=True)
+                ]
+        return point, interval, sources
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted retention for each row of ``X``."""
-        return self._point_and_interval(X)[0]
+        return self._predict_rows(X)[0]
 
     def predict_interval(self, X: Any) -> np.ndarray:
         """``(n, 2)`` array of [low, high] at the fitted ``coverage``."""
-        return self._point_and_interval(X)[1]
+        return self._predict_rows(X)[1]
+
+    def predicted_from(self, X: Any) -> list[tuple[str, ...]]:
+        """For each row of ``X``, the signals of the model that predicts it: this one's, or,
+        where one of them is missing, a fallback's (down the chain)."""
+        return self._predict_rows(X)[2]
 
 
 def _fallback_chain(fallback: Any) -> list[tuple[str, ...]]:

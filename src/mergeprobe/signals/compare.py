@@ -576,7 +576,7 @@ def pairwise_signal_matrices(
     for name in ("drift_cosine", "interference_ratio", "interference_ratio_last"):
         out.setdefault(name, nan.clone())
 
-    if {*HEAD_SIGNALS} & set(names) or head:
+    if set(HEAD_SIGNALS) & set(names) or head:
         out.update(_head_matrices(probes))
         if head:
             ratio, kl = out["interference_ratio_last"], out["head_kl"]
