@@ -177,6 +177,62 @@ def load_pairs(path: Path, data: Path | None = None) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame(added, index=table.index)], axis=1)
 
 
+def early_signal_names(frame: pd.DataFrame) -> list[str]:
+    """The signals the pair table has at 5 %, without the layer and fraction bookkeeping."""
+    return sorted(
+        {c[4:] for c in frame.columns if c.startswith("p05_")}
+        - {"shared_layers", "layer_coverage", "fraction_self", "fraction_other"}
+    )
+
+
+def candidate_feature_sets(signal_names: list[str]) -> dict[str, list[str]]:
+    """The feature sets the predictor is chosen among, by name.
+
+    Declared before looking at the r=16 table except the two "partner" sets, which the
+    single-feature ranking suggested, and the head sets, added later: the pick among them is
+    optimistic (``selection_eval.py`` measures by how much)."""
+    return {
+        "ratios + CKA (first default)": list(FIRST_DEFAULT),
+        "ratios + CKA + absolute norms": [*FIRST_DEFAULT, *ABSOLUTE_NORMS],
+        "partner interference": ["interference_ratio", "interference_ratio_last"],
+        # Added after head_signal_eval.py measured the head signals on this table, and the
+        # composite after looking at them: their figures carry that selection.
+        "head interference": ["head_interference"],
+        # Added after the per-task errors followed the tasks' fragility (rehearsal_eval.md)
+        # and the tasks' label balance was seen to follow it: carries that selection too.
+        "head interference × label room": ["head_interference_room"],
+        "partner interference + head": [
+            "interference_ratio",
+            "interference_ratio_last",
+            *HEAD_SIGNALS,
+        ],
+        "partner magnitudes": ["interference_ratio", "update_norm_other", "drift_norm_other"],
+        # (the head signals stay out of the sets declared before them)
+        "magnitudes only": [
+            f
+            for f in signal_names
+            if ("norm" in f or "interference" in f) and not f.startswith("head_")
+        ],
+        "per-run only (no pair interaction)": [
+            f for f in signal_names if f.endswith(("_self", "_other")) and f not in LATER
+        ],
+        "every signal": [f for f in signal_names if not f.startswith("head_") and f not in LATER],
+    }
+
+
+def cross_task_pairs(
+    parser: argparse.ArgumentParser, pairs: str
+) -> tuple[Path, pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """The pair table (``load_pairs``), its cross-task pairs and their measured direct-merge
+    retention; a parser error when the table is missing."""
+    path = Path(pairs)
+    if not path.is_file():
+        parser.error(f"{path} not found: run benchmarks/merge_retention.py first")
+    table = load_pairs(path)
+    frame = table[~table.same_task].reset_index(drop=True)
+    return path, table, frame, frame["retention_ratio_direct"].to_numpy(dtype=float)
+
+
 CALIBRATION_TAUS = (0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97)
 
 
@@ -217,6 +273,31 @@ def loto(
         predictor = RetentionPredictor(features=tuple(names), model=model, power=power)
         predictor.fit(X[train], target, groups=frame.self_task[train])
         pred[test] = predictor.predict(X_test[test])
+    return pred
+
+
+def leave_both_out(
+    frame: pd.DataFrame, columns: list[str], y: np.ndarray, model: str, *, power=1.0
+) -> np.ndarray:
+    """Out-of-fold predictions, one fold per unordered pair of tasks: the pairs between the
+    two tasks (both directions) predicted by a model fitted on pairs that involve neither.
+    Stricter than ``loto``: there a held-out pair's partner is seen in training, so a model
+    that recognises partners (boosting on partner magnitudes) scores by learning each
+    partner's typical damage, which does not carry to an adapter the benchmark never saw."""
+    pred = np.full(len(frame), np.nan)
+    names = [signal_name(c) for c in columns]
+    X = frame[columns].set_axis(names, axis=1)
+    tasks = sorted(frame.self_task.unique())
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1 :]:
+            between = {a, b}
+            test = (frame.self_task.isin(between) & frame.other_task.isin(between)).to_numpy()
+            train = (~frame.self_task.isin(between) & ~frame.other_task.isin(between)).to_numpy()
+            if not test.any():
+                continue
+            predictor = RetentionPredictor(features=tuple(names), model=model, power=power)
+            predictor.fit(X[train], y[train], groups=frame.self_task[train])
+            pred[test] = predictor.predict(X[test])
     return pred
 
 
@@ -292,13 +373,8 @@ def main(argv=None) -> int:
             args.power = float(args.power)
         except ValueError:
             parser.error(f"--power must be 'auto' or a number; got {args.power!r}")
-    pairs_path = Path(args.pairs)
-    if not pairs_path.is_file():
-        parser.error(f"{pairs_path} not found: run benchmarks/merge_retention.py first")
     started = time.perf_counter()
-    table = load_pairs(pairs_path)
-    frame = table[~table.same_task].reset_index(drop=True)
-    y = frame["retention_ratio_direct"].to_numpy(dtype=float)
+    pairs_path, table, frame, y = cross_task_pairs(parser, args.pairs)
     out: dict = {"pairs": str(pairs_path), "n_pairs": len(frame), "threshold": THRESHOLD}
     lines = [
         "# Retention predictor: leave-one-task-out evaluation",
@@ -312,39 +388,8 @@ def main(argv=None) -> int:
         "| predictor | signals | Spearman | Pearson | MAE | AUROC (R < 0.9) |",
         "|---|---|---|---|---|---|",
     ]
-    signal_names = sorted(
-        {c[4:] for c in frame.columns if c.startswith("p05_")}
-        - {"shared_layers", "layer_coverage", "fraction_self", "fraction_other"}
-    )
-    # Candidate sets, declared before looking at the r=16 table except the two "partner"
-    # sets, which the single-feature ranking suggested: the pick is optimistic (see below).
-    feature_sets = {
-        "ratios + CKA (first default)": list(FIRST_DEFAULT),
-        "ratios + CKA + absolute norms": [*FIRST_DEFAULT, *ABSOLUTE_NORMS],
-        "partner interference": ["interference_ratio", "interference_ratio_last"],
-        # Added after head_signal_eval.py measured the head signals on this table, and the
-        # composite after looking at them: their figures carry that selection.
-        "head interference": ["head_interference"],
-        # Added after the per-task errors followed the tasks' fragility (rehearsal_eval.md)
-        # and the tasks' label balance was seen to follow it: carries that selection too.
-        "head interference × label room": ["head_interference_room"],
-        "partner interference + head": [
-            "interference_ratio",
-            "interference_ratio_last",
-            *HEAD_SIGNALS,
-        ],
-        "partner magnitudes": ["interference_ratio", "update_norm_other", "drift_norm_other"],
-        # (the head signals stay out of the sets declared before them)
-        "magnitudes only": [
-            f
-            for f in signal_names
-            if ("norm" in f or "interference" in f) and not f.startswith("head_")
-        ],
-        "per-run only (no pair interaction)": [
-            f for f in signal_names if f.endswith(("_self", "_other")) and f not in LATER
-        ],
-        "every signal": [f for f in signal_names if not f.startswith("head_") and f not in LATER],
-    }
+    signal_names = early_signal_names(frame)
+    feature_sets = candidate_feature_sets(signal_names)
 
     if args.feature_set is not None and args.feature_set not in feature_sets:
         parser.error(f"--feature-set must be one of {sorted(feature_sets)}")
@@ -450,6 +495,15 @@ def main(argv=None) -> int:
             m, ci = metrics(pred, y), bootstrap(pred, y)
             out[f"power_refitted_{prefix}"] = {**m, "ci": ci}
             lines.append(f"| damage, power refitted in every fold | {prefix} | {fmt(m, ci)} |")
+    # Stricter folds: the partner's task held out too, so no model can learn partners.
+    for prefix in ("p05", "p05f"):
+        if c := cols(prefix, features):
+            power = power_of(prefix, features, chosen_model)
+            pred = leave_both_out(frame, c, y, chosen_model, power=power)
+            m, ci = metrics(pred, y), bootstrap(pred, y)
+            out[f"both_tasks_out_{prefix}"] = {**m, "ci": ci}
+            label = f"{chosen_model}, both tasks of the pair held out"
+            lines.append(f"| {label} | {prefix} | {fmt(m, ci)} |")
     # nulls at 5 %
     shuffled = [
         metrics(
@@ -468,7 +522,11 @@ def main(argv=None) -> int:
     null_random = metrics(
         loto(noise, cols("p05", features), y, chosen_model, power=chosen_power), y
     )
-    lines.append(f"| null: shuffled labels (mean of 5) | p05 | {fmt(null_shuffled)} |")
+    lines.append(
+        "| null: the chosen signal fitted on shuffled labels (mean of 5; the damage model's "
+        "ranking is its signal's, the labels set its scale: the null of the whole choice is in "
+        f"selection_eval.md) | p05 | {fmt(null_shuffled)} |"
+    )
     lines.append(f"| null: random features | — | {fmt(null_random)} |")
     # one-feature baselines
     kin = frame["final_update_cosine"].to_numpy(dtype=float)
