@@ -15,6 +15,7 @@ and with --ship writes the default predictors into the package.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -259,21 +260,17 @@ def loto(
     fitted on ``columns`` and, when given, predicting from ``predict_columns`` (the same
     signals in another state), for the rows of ``predict_on`` (default: ``frame``)."""
     rows = frame if predict_on is None else predict_on
-    pred = np.full(len(rows), np.nan)
-    rng = np.random.default_rng(shuffle_seed)
-    names = [signal_name(c) for c in columns]
-    X = frame[columns].set_axis(names, axis=1)
-    X_test = rows[predict_columns or columns].set_axis(names, axis=1)
-    for task in sorted(frame.self_task.unique()):
-        test = (rows[fold_by] == task).to_numpy()
-        train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
-        target = y[train].copy()
-        if shuffle_seed is not None:
-            rng.shuffle(target)
-        predictor = RetentionPredictor(features=tuple(names), model=model, power=power)
-        predictor.fit(X[train], target, groups=frame.self_task[train])
-        pred[test] = predictor.predict(X_test[test])
-    return pred
+    folds = [
+        (
+            ((frame.self_task != task) & (frame.other_task != task)).to_numpy(),
+            (rows[fold_by] == task).to_numpy(),
+        )
+        for task in sorted(frame.self_task.unique())
+    ]
+    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+    return out_of_fold(
+        frame, columns, y, model, power, folds, rows, predict_columns or columns, rng
+    )
 
 
 def leave_both_out(
@@ -284,20 +281,32 @@ def leave_both_out(
     Stricter than ``loto``: there a held-out pair's partner is seen in training, so a model
     that recognises partners (boosting on partner magnitudes) scores by learning each
     partner's typical damage, which does not carry to an adapter the benchmark never saw."""
-    pred = np.full(len(frame), np.nan)
+    folds = []
+    for a, b in itertools.combinations(sorted(frame.self_task.unique()), 2):
+        involved = frame.self_task.isin({a, b}), frame.other_task.isin({a, b})
+        folds.append(
+            ((~involved[0] & ~involved[1]).to_numpy(), (involved[0] & involved[1]).to_numpy())
+        )
+    return out_of_fold(frame, columns, y, model, power, folds, frame, columns)
+
+
+def out_of_fold(frame, columns, y, model, power, folds, rows, predict_columns, rng=None):
+    """Each fold's ``test`` rows of ``rows`` predicted from ``predict_columns`` by the
+    predictor ``--ship`` fits (the columns renamed to their signal names), fitted on the
+    fold's ``train`` rows of ``frame`` (their targets shuffled when ``rng`` is given)."""
+    pred = np.full(len(rows), np.nan)
     names = [signal_name(c) for c in columns]
     X = frame[columns].set_axis(names, axis=1)
-    tasks = sorted(frame.self_task.unique())
-    for i, a in enumerate(tasks):
-        for b in tasks[i + 1 :]:
-            between = {a, b}
-            test = (frame.self_task.isin(between) & frame.other_task.isin(between)).to_numpy()
-            train = (~frame.self_task.isin(between) & ~frame.other_task.isin(between)).to_numpy()
-            if not test.any():
-                continue
-            predictor = RetentionPredictor(features=tuple(names), model=model, power=power)
-            predictor.fit(X[train], y[train], groups=frame.self_task[train])
-            pred[test] = predictor.predict(X[test])
+    X_test = rows[predict_columns].set_axis(names, axis=1)
+    for train, test in folds:
+        if not test.any():
+            continue
+        target = y[train].copy()
+        if rng is not None:
+            rng.shuffle(target)
+        predictor = RetentionPredictor(features=tuple(names), model=model, power=power)
+        predictor.fit(X[train], target, groups=frame.self_task[train])
+        pred[test] = predictor.predict(X_test[test])
     return pred
 
 
@@ -312,21 +321,39 @@ def fitted_power(frame: pd.DataFrame, columns: list[str], y: np.ndarray, model: 
     return predictor.fit(frame[columns].set_axis(names, axis=1), y).power_
 
 
-def seed_replication(frame: pd.DataFrame) -> dict[str, float] | None:
-    """Measured retention of each seed-0 pair against the same task pair with seed-1 adapters:
-    how well *any* predictor could rank pairs, given the training noise."""
+def model_takes(model: str, names) -> bool:
+    """Whether ``model`` can read the signals ``names`` (the damage model takes only
+    non-negative scale signals; cosines are signed)."""
+    try:
+        RetentionPredictor(features=tuple(names), model=model)._validate_params()
+    except InvalidParameterError:
+        return False
+    return True
+
+
+def seed_pairs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Each seed-0 pair's measured retention, the same task pair's with seed-1 adapters, and
+    the pair's own task; None with fewer than 10 such pairs."""
     by_tasks = {
         (r.self_task, r.other_task, r.self_seed, r.other_seed): r.retention_ratio_direct
         for r in frame.itertuples()
     }
-    first, second = [], []
+    first, second, task = [], [], []
     for (a, b, sa, sb), value in by_tasks.items():
         if (sa, sb) == (0, 0) and (a, b, 1, 1) in by_tasks:
             first.append(value)
             second.append(by_tasks[(a, b, 1, 1)])
+            task.append(a)
     if len(first) < 10:
         return None
-    return metrics(np.array(first), np.array(second))
+    return np.array(first), np.array(second), np.array(task)
+
+
+def seed_replication(frame: pd.DataFrame) -> dict[str, float] | None:
+    """Measured retention of each seed-0 pair against the same task pair with seed-1 adapters:
+    how well *any* predictor could rank pairs, given the training noise."""
+    found = seed_pairs(frame)
+    return None if found is None else metrics(found[0], found[1])
 
 
 def fmt(m: dict, ci: dict | None = None) -> str:
@@ -397,14 +424,6 @@ def main(argv=None) -> int:
     def cols(prefix: str, names) -> list[str]:
         return [f"{prefix}_{f}" for f in names if f"{prefix}_{f}" in frame.columns]
 
-    def fits(model: str, names) -> bool:
-        # The damage model takes only non-negative scale signals (cosines are signed).
-        try:
-            RetentionPredictor(features=tuple(names), model=model)._validate_params()
-        except InvalidParameterError:
-            return False
-        return True
-
     def power_of(prefix: str, names, model: str) -> float:
         if model != "damage":
             return 1.0
@@ -415,7 +434,7 @@ def main(argv=None) -> int:
     set_scores, set_powers = {}, {}
     for set_name, names in feature_sets.items():
         for model in MODELS:
-            if cols("p05", names) and fits(model, names):
+            if cols("p05", names) and model_takes(model, names):
                 power = set_powers[(set_name, model)] = power_of("p05", names, model)
                 m = metrics(loto(frame, cols("p05", names), y, model, power=power), y)
                 set_scores[(set_name, model)] = m
@@ -458,7 +477,7 @@ def main(argv=None) -> int:
 
     results = {}
     for model in MODELS:
-        if not fits(model, features):
+        if not model_takes(model, features):
             continue
         for prefix in PREFIXES:
             c = cols(prefix, features)

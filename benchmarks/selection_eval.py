@@ -58,10 +58,11 @@ from benchmarks.predictor_eval import (  # noqa: E402
     leave_both_out,
     loto,
     metrics,
+    model_takes,
+    out_of_fold,
+    seed_pairs,
     signal_name,
 )
-from mergeprobe.exceptions import InvalidParameterError  # noqa: E402
-from mergeprobe.predictor import RetentionPredictor  # noqa: E402
 
 PREFIX = "p05"
 # How pairs are held out: one task of the pair's own adapter (predictor_eval's folds), or
@@ -70,37 +71,29 @@ SCHEMES = {"own-task": loto, "both-tasks": leave_both_out}
 
 
 def candidates(frame: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
-    """(feature set, model) -> the set's 5 % columns, for every model that can take the set
-    (the damage model takes only non-negative scale signals)."""
+    """(feature set, model) -> the set's 5 % columns, for every model that can take the set."""
     found = {}
     for name, names in candidate_feature_sets(early_signal_names(frame)).items():
         columns = [f"{PREFIX}_{f}" for f in names if f"{PREFIX}_{f}" in frame.columns]
-        if not columns:
-            continue
-        for model in MODELS:
-            try:
-                RetentionPredictor(
-                    features=tuple(signal_name(c) for c in columns), model=model
-                )._validate_params()
-            except InvalidParameterError:
-                continue
-            found[(name, model)] = columns
+        for model in MODELS if columns else ():
+            if model_takes(model, [signal_name(c) for c in columns]):
+                found[(name, model)] = columns
     return found
 
 
 def choose(
     frame: pd.DataFrame, y: np.ndarray, options: dict, folds: str = "own-task"
-) -> tuple[tuple, float, dict]:
+) -> tuple[tuple, float, dict, np.ndarray]:
     """predictor_eval's choice on ``frame``: every candidate's power fitted on all its pairs,
     its out-of-fold Spearman against ``y`` (``folds``: a key of ``SCHEMES``); the best
-    candidate, its power and every candidate's score."""
-    scores, powers = {}, {}
+    candidate, its power, every candidate's score and the best one's predictions."""
+    scores, powers, preds = {}, {}, {}
     for key, columns in options.items():
         powers[key] = fitted_power(frame, columns, y, key[1])
-        pred = SCHEMES[folds](frame, columns, y, key[1], power=powers[key])
-        scores[key] = metrics(pred, y)["spearman"]
+        preds[key] = SCHEMES[folds](frame, columns, y, key[1], power=powers[key])
+        scores[key] = metrics(preds[key], y)["spearman"]
     best = max(scores, key=lambda k: np.nan_to_num(scores[k], nan=-9))
-    return best, powers[best], scores
+    return best, powers[best], scores, preds[best]
 
 
 def nested(frame: pd.DataFrame, y: np.ndarray, options: dict) -> tuple[np.ndarray, list[dict]]:
@@ -111,13 +104,10 @@ def nested(frame: pd.DataFrame, y: np.ndarray, options: dict) -> tuple[np.ndarra
         test = (frame.self_task == task).to_numpy()
         train = ((frame.self_task != task) & (frame.other_task != task)).to_numpy()
         inner = frame[train].reset_index(drop=True)
-        (name, model), power, scores = choose(inner, y[train], options)
+        (name, model), power, scores, _ = choose(inner, y[train], options)
         columns = options[(name, model)]
-        names = tuple(signal_name(c) for c in columns)
-        predictor = RetentionPredictor(features=names, model=model, power=power)
-        X = frame[columns].set_axis(names, axis=1)
-        predictor.fit(X[train], y[train], groups=frame.self_task[train])
-        pred[test] = predictor.predict(X[test])
+        fold = [(train, test)]
+        pred[test] = out_of_fold(frame, columns, y, model, power, fold, frame, columns)[test]
         folds.append(
             {
                 "held_out": task,
@@ -138,7 +128,7 @@ def by_task(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) 
     same resampling."""
     tasks = np.unique(groups)
     rows = {t: np.flatnonzero(groups == t) for t in tasks}
-    within = {t: metrics(pred[i], y[i])["spearman"] for t, i in rows.items()}
+    within = per_task_spearman(pred, y, groups)
     rng = np.random.default_rng(seed)
     draws = {"spearman": [], "auroc": [], "within": []}
     for _ in range(N_BOOT):
@@ -163,23 +153,12 @@ def by_task(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) 
 def seed_ceiling(frame: pd.DataFrame) -> dict | None:
     """The measured retention of each seed-0 pair against the same task pair's with seed-1
     adapters: pooled, and the mean over tasks of the Spearman within each task's pairs."""
-    value = {
-        (r.self_task, r.other_task, r.self_seed, r.other_seed): r.retention_ratio_direct
-        for r in frame.itertuples()
-    }
-    first, second, task = [], [], []
-    for (a, b, sa, sb), v in value.items():
-        if (sa, sb) == (0, 0) and (a, b, 1, 1) in value:
-            first.append(v)
-            second.append(value[(a, b, 1, 1)])
-            task.append(a)
-    if len(first) < 10:
+    if (found := seed_pairs(frame)) is None:
         return None
-    first, second, task = np.array(first), np.array(second), np.array(task)
-    within = [spearmanr(first[task == t], second[task == t])[0] for t in np.unique(task)]
+    first, second, task = found
     return {
         "spearman": float(spearmanr(first, second)[0]),
-        "within": float(np.nanmean(within)),
+        "within": within_task(first, second, task),
     }
 
 
@@ -218,20 +197,21 @@ def permuted_target(frame: pd.DataFrame, y: np.ndarray, kind: str, seed: int) ->
     return rng.permutation(y) if kind == "pairs" else run_permutation(frame, y, rng)
 
 
+def per_task_spearman(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict:
+    """task -> the Spearman within that task's own pairs."""
+    return {t: metrics(pred[groups == t], y[groups == t])["spearman"] for t in np.unique(groups)}
+
+
 def within_task(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
     """The mean over tasks of the Spearman within each task's own pairs."""
-    return float(
-        np.nanmean(
-            [metrics(pred[groups == t], y[groups == t])["spearman"] for t in np.unique(groups)]
-        )
-    )
+    return float(np.nanmean(list(per_task_spearman(pred, y, groups).values())))
 
 
 def null_best(frame, y, options, kind: str, seed: int, folds: str) -> tuple[float, str]:
     """The best candidate's Spearman when the whole choice is made on a permuted target, and
     which candidate it was."""
     target = permuted_target(frame, y, kind, seed)
-    best, _, scores = choose(frame, target, options, folds)
+    best, _, scores, _ = choose(frame, target, options, folds)
     return scores[best], f"{best[0]} / {best[1]}"
 
 
@@ -274,11 +254,8 @@ def main(argv=None) -> int:
     options = candidates(frame)
     out: dict = {"pairs": str(pairs_path), "n_pairs": len(frame), "candidates": len(options)}
 
-    (best_name, best_model), best_power, scores = choose(frame, y, options, args.folds)
+    (best_name, best_model), best_power, scores, chosen_pred = choose(frame, y, options, args.folds)
     observed = scores[(best_name, best_model)]
-    chosen_pred = SCHEMES[args.folds](
-        frame, options[(best_name, best_model)], y, best_model, power=best_power
-    )
     chosen = metrics(chosen_pred, y)
     out["folds"] = args.folds
     out["chosen"] = {"set": best_name, "model": best_model, "power": best_power, **chosen}

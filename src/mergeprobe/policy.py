@@ -17,7 +17,7 @@ import numpy as np
 
 from ._util import RESERVED_NAMES, clean_json
 from .exceptions import InvalidParameterError, MergeprobeError
-from .predictor import METHODS, _as_float, _signals_read, set_retention
+from .predictor import METHODS, RetentionPredictor, _as_float, _signals_read, set_retention
 
 __all__ = [
     "PLAN_SCHEMA",
@@ -516,20 +516,15 @@ def predict_pairs(
             continue
         retention_self, retention_other, interval, read = {}, {}, {}, {}
         for method, predictor in predictors.items():
-            if finished:
-                # The finished partner beside this run (its end against a run at its horizon)
-                # is closest to what the early predictors were fitted on (the partner-states
-                # table of benchmarks/results/predictor_eval.md).
-                forward_predictor = against_finished[method]
-                own = float(forward_predictor.predict([forward])[0])
-                partner = float(predictor.predict([backward])[0])
-            else:
-                forward_predictor = predictor
-                own, partner = (float(v) for v in predictor.predict([forward, backward]))
-            low, high = (float(v) for v in forward_predictor.predict_interval([forward])[0])
+            # The finished partner beside this run (its end against a run at its horizon) is
+            # closest to what the early predictors were fitted on (the partner-states table
+            # of benchmarks/results/predictor_eval.md).
+            forward_predictor = against_finished[method] if finished else predictor
+            own, (low, high), sources = _predict_one(forward_predictor, forward)
+            partner = float(predictor.predict([backward])[0])
             read[method] = {
                 name: clean_json(_as_float(forward.get(name)))  # missing: None
-                for name in _signals_predicted_from(forward_predictor, forward)
+                for name in sources
             }
             retention_self[method], retention_other[method] = own, partner
             interval[method] = (low, high)
@@ -562,12 +557,16 @@ def predict_pairs(
     return predictions, notes
 
 
-def _signals_predicted_from(predictor, signals: Mapping[str, float]) -> tuple[str, ...]:
-    """The signals ``predictor`` predicts this pair from (any object with ``predict`` may be
-    given: then its ``features``, if it names them)."""
-    if hasattr(predictor, "predicted_from"):
-        return tuple(predictor.predicted_from([signals])[0])
-    return tuple(getattr(predictor, "features", ()))
+def _predict_one(predictor, signals: Mapping[str, float]):
+    """A row's prediction, its interval and the signals it was predicted from, in one pass
+    for a ``RetentionPredictor`` (any object with ``predict`` and ``predict_interval`` may
+    be given: then its ``features``, if it names them)."""
+    if isinstance(predictor, RetentionPredictor):
+        point, interval, sources = predictor._predict_rows([signals])
+        return float(point[0]), (float(interval[0, 0]), float(interval[0, 1])), sources[0]
+    low, high = (float(v) for v in predictor.predict_interval([signals])[0])
+    sources = tuple(getattr(predictor, "features", ()))
+    return float(predictor.predict([signals])[0]), (low, high), sources
 
 
 PLAN_SCHEMA = "mergeprobe.plan/1"
